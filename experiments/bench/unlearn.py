@@ -21,11 +21,14 @@ reports every allocation and free inside the profiled window with the running to
 it allocated there ("Total Allocated" in the trace); the peak of that total is the candidate's peak
 (allocator-exact: no RSS noise from Python, the heap or other processes).
 
-Analytic bound for (3): SAM must keep one tensor the size of the trained parameters between its
-two passes (our SAM keeps the weights' backup, from which they are restored bit for bit; keeping
-e instead costs the same). With AdamW, weights + gradients + two moments = 4 copies, so the static
-ratio is 5/4 = 1.25; the measured ratio is below it by the share of activations in the peak. With
-LoRA the buffer is the adapters' size and the ratio is ~1.0.
+Analytic view of (3): between its two passes SAM needs w and w + e at once, but the forget gradient
+at w is dead by then, so w + e is built in its tensors (shared/sam/base.py): during the pass at
+w + e SAM holds w, w + e and Adam's moments, exactly as many weight-sized tensors as NPO holds
+during its retain pass (w, the forget gradient, the moments). The peaks can differ only inside the
+backward at w + e, where the new gradients appear while the activations are freed: in a transformer
+at these batch sizes the activations freed outweigh the gradients produced, and the ratio is ~1.0;
+with tiny batches or gradient checkpointing of a large model the excess is at most one weight-sized
+tensor (the old backup-buffer bound: 5/4 = 1.25 of the static memory with AdamW).
 """
 
 from __future__ import annotations

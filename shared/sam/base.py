@@ -8,11 +8,16 @@ or, by hand (and with torch.amp.GradScaler):
     scaler.scale(loss_fn(model(x), y)).backward(); opt.unperturb(); scaler.step(opt); scaler.update()
 
 Design choices, each because the usual code gets it wrong:
-- The weights are backed up and copied back, so they are restored bit for bit (w + e - e is not w
-  in floating point), and a non-finite first-pass gradient (fp16 overflow) cannot corrupt them.
-- e is computed in the gradient tensors themselves when they are zeroed afterwards (the usual
-  case), so the only per-parameter buffer is the backup; ASAM's |w| + eta also lives there
-  before the backup is taken. No tensor the size of a parameter is allocated after the first step.
+- The weights are restored bit for bit (w + e - e is not w in floating point), and a non-finite
+  first-pass gradient (fp16 overflow) cannot corrupt them.
+- No copy of the weights when the first-pass gradients are dropped afterwards (`zero_grad=True`,
+  what `step(closure)` and `sam_backward` do): e and then w + e are computed inside the gradient
+  tensors, which become the parameters' data for the second pass while the untouched w waits in the
+  parameters' own tensors; restoring swaps them back. SAM then holds no tensor the size of the
+  weights beyond what plain training holds (unlearning's NPO+SAM peaks within 1% of NPO). Otherwise
+  (the gradients are kept, ASAM's |w| + eta needs a buffer, or a gradient is a view into a shared
+  buffer as DDP's bucket views are) the weights are copied to a backup allocated once.
+  No tensor the size of a parameter is allocated after the first step.
 - e = rho * g / ||g|| does not change when g is multiplied by a loss scale, so `first_step` runs
   on GradScaler-scaled gradients and only the base step unscales (no "unscale twice").
 - The base optimizer shares `param_groups`, so LR schedulers attached to this optimizer drive it,
@@ -68,7 +73,6 @@ class _Plan:
 
     groups: list[dict[str, Any]] = field(default_factory=list)
     params: list[list[Tensor]] = field(default_factory=list)
-    backups: list[list[Tensor]] = field(default_factory=list)
     buffers: dict[str, list[list[Tensor]]] = field(default_factory=dict)  # other per-parameter state, by name
 
     def flat(self, lists: list[list[Tensor]]) -> list[Tensor]:
@@ -104,6 +108,7 @@ class SharpnessAware(Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._plan: _Plan | None = None  # set while the weights are perturbed
+        self._unperturbed: list[Tensor] | None = None  # w's own tensors while w + e lives in the gradients' ones
         self._restored = False  # True between unperturb() and the base step
         self._grad_marks: dict[int, tuple[Tensor, int]] = {}  # id(p) -> (p.grad, its version) when last seen
         self._plan_cache: tuple[tuple[Any, ...], _Plan] | None = None  # the last plan, by its grad pattern
@@ -164,15 +169,8 @@ class SharpnessAware(Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("sparse gradients are not supported by SAM-family optimizers")
-            backups = []
-            for p in params:
-                state = self.state[p]
-                if "backup" not in state:
-                    state["backup"] = torch.empty_like(p, memory_format=torch.preserve_format)
-                backups.append(state["backup"])
             plan.groups.append(group)
             plan.params.append(params)
-            plan.backups.append(backups)
         return plan
 
     @torch.no_grad()
@@ -191,9 +189,15 @@ class SharpnessAware(Optimizer):
                 torch._foreach_copy_(plan.flat(work), [p.grad for p in plan.flat(plan.params)])
             self._before_perturb(plan, work)
             self._perturbation_(plan, work)
-            flat_params = plan.flat(plan.params)
-            torch._foreach_copy_(plan.flat(plan.backups), flat_params)
-            torch._foreach_add_(flat_params, plan.flat(work))
+            flat_params, flat_work = plan.flat(plan.params), plan.flat(work)
+            if zero_grad and self._swappable(plan):
+                torch._foreach_add_(flat_work, flat_params)  # the gradients now hold w + e ...
+                self._unperturbed = [p.data for p in flat_params]
+                for p, perturbed in zip(flat_params, flat_work):  # ... and become the weights
+                    p.data = perturbed
+            else:
+                torch._foreach_copy_(plan.flat(self._plan_buffers(plan, "backup")), flat_params)
+                torch._foreach_add_(flat_params, flat_work)
         if zero_grad:  # to None: the second backward then writes fresh gradients instead of adding to zeros
             self.zero_grad()
         self._plan = plan
@@ -202,16 +206,17 @@ class SharpnessAware(Optimizer):
     def _perturbation_(self, plan: _Plan, work: list[list[Tensor]]) -> None:
         """work <- e = rho * T^2 g / ||T g|| (T = 1, or |w| + eta for adaptive groups), in place."""
         adaptive = [g["adaptive"] for g in plan.groups]
-        for is_adaptive, params, backups, g, group in zip(adaptive, plan.params, plan.backups, work, plan.groups):
+        temps = self._plan_buffers(plan, "backup") if any(adaptive) else [[] for _ in plan.groups]
+        for is_adaptive, params, t, g, group in zip(adaptive, plan.params, temps, work, plan.groups):
             if is_adaptive:  # the backup buffer holds T until the weights are backed up
-                torch._foreach_copy_(backups, params)
-                torch._foreach_abs_(backups)
-                torch._foreach_add_(backups, group["eta"])
-                torch._foreach_mul_(g, backups)
+                torch._foreach_copy_(t, params)
+                torch._foreach_abs_(t)
+                torch._foreach_add_(t, group["eta"])
+                torch._foreach_mul_(g, t)
         scale = self.eps + global_norm(plan.flat(work))
-        for is_adaptive, backups, g, group in zip(adaptive, plan.backups, work, plan.groups):
+        for is_adaptive, t, g, group in zip(adaptive, temps, work, plan.groups):
             if is_adaptive:
-                torch._foreach_mul_(g, backups)
+                torch._foreach_mul_(g, t)
             torch._foreach_mul_(g, self._rho(group) / scale)
 
     @torch.no_grad()
@@ -222,7 +227,13 @@ class SharpnessAware(Optimizer):
             raise RuntimeError("unperturb() without first_step(): the weights are not perturbed")
         if self._plan.groups:  # foreach ops reject empty lists
             self._descent_grads_(self._plan)
-            torch._foreach_copy_(self._plan.flat(self._plan.params), self._plan.flat(self._plan.backups))
+            params = self._plan.flat(self._plan.params)
+            if self._unperturbed is not None:
+                for p, w in zip(params, self._unperturbed):
+                    p.data = w
+                self._unperturbed = None
+            else:
+                torch._foreach_copy_(params, self._plan.flat(self._plan_buffers(self._plan, "backup")))
         self._plan = None
         self._restored = True
 
@@ -275,6 +286,17 @@ class SharpnessAware(Optimizer):
             self._mark_grads()
 
     # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def _swappable(plan: _Plan) -> bool:
+        """Whether w + e can be built in the gradient tensors and swapped in as the weights: no
+        adaptive group (ASAM's T needs the backup buffer) and every gradient and weight a plain
+        tensor owning its whole storage, laid out as its parameter (not a view into a flat
+        buffer: DDP's gradient buckets, FSDP's flat parameters, cuDNN's flattened RNN weights)."""
+        if any(group["adaptive"] for group in plan.groups):
+            return False
+        return all(_owns_storage(p.data) and _owns_storage(p.grad) and p.grad.stride() == p.stride()
+                   for p in plan.flat(plan.params))
+
     def _perturbable(self) -> Iterable[Tensor]:
         return (p for group in self.param_groups if group["perturb"] for p in group["params"])
 
@@ -318,6 +340,10 @@ class SharpnessAware(Optimizer):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={self.base_optimizer!r})"
+
+
+def _owns_storage(t: Tensor) -> bool:
+    return type(t) is Tensor and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def global_norm(tensors: list[Tensor]) -> Tensor:

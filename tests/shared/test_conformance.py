@@ -950,3 +950,69 @@ def test_no_parameter_sized_allocation_after_first_step(name: str, zero_grad: bo
             assert big, "the profiler must see the first step's per-parameter buffers"
         else:
             assert not big, f"step {step + 1} allocated {big} bytes (smallest parameter: {smallest} bytes)"
+
+
+SWAPPING = [n for n in NAMES if not OPTIMIZERS.get(n)(WideNet().parameters(), "sgd").defaults["adaptive"]]
+
+
+@pytest.mark.parametrize("name", SWAPPING)
+def test_dropped_gradients_hold_the_perturbed_weights(name: str) -> None:
+    """first_step(zero_grad=True) builds w + e in the gradient tensors and swaps them in: no backup
+    buffer is ever allocated, no parameter-sized tensor is allocated by first_step / unperturb (GSAM
+    keeps its copy of g), and after unperturb() every weight is back in its own tensor, bit for bit."""
+    model = WideNet()
+    opt = OPTIMIZERS.get(name)(model.parameters(), "sgd", lr=0.1)
+    smallest = min(p.numel() * p.element_size() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 64, (8,), generator=gen)
+    pointers = [p.data_ptr() for p in model.parameters()]
+    for step in range(2):
+        before = params_of(model)
+        first_loss(opt, model(x), y).backward()
+        grads = [p.grad.data_ptr() for p in model.parameters()]
+        big = [n for n in allocations(lambda: opt.first_step(zero_grad=True)) if n >= smallest]
+        assert [p.data_ptr() for p in model.parameters()] == grads, "w + e must live in the gradients' tensors"
+        assert all(p.grad is None for p in model.parameters())
+        F.cross_entropy(model(x), y).backward()
+        big += [n for n in allocations(opt.unperturb) if n >= smallest]
+        assert [p.data_ptr() for p in model.parameters()] == pointers
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        opt.step()
+        opt.zero_grad()
+        assert all("backup" not in opt.state[p] for p in model.parameters())
+        expected = len(pointers) if name == "gsam" and step == 0 else 0  # GSAM allocates its copy of g once
+        assert len(big) == expected, big
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradient_views_fall_back_to_the_backup(name: str) -> None:
+    """Gradients that are views into one flat buffer (DDP's gradient buckets, which DDP attaches
+    again before each backward) must not become the weights (the next backward would write into
+    them): the weights are copied to the backup instead, and the step equals that of a model with
+    ordinary gradients."""
+    plain, bucketed = WideNet(), WideNet()
+    opts = [OPTIMIZERS.get(name)(m.parameters(), "sgd", lr=0.1) for m in (plain, bucketed)]
+    flat = torch.zeros(sum(p.numel() for p in bucketed.parameters()))
+
+    def attach_bucket_views() -> None:
+        flat.zero_()
+        offset = 0
+        for p in bucketed.parameters():
+            p.grad = flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 16, generator=gen), torch.randint(0, 64, (8,), generator=gen)
+    for model, opt in zip((plain, bucketed), opts):
+        pointers = [p.data_ptr() for p in model.parameters()]
+        if model is bucketed:
+            attach_bucket_views()
+        first_loss(opt, model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        if model is bucketed:
+            assert [p.data_ptr() for p in model.parameters()] == pointers
+            attach_bucket_views()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert_params(bucketed, params_of(plain), atol=1e-6)
+    assert all("backup" in opts[1].state[p] for p in bucketed.parameters())
