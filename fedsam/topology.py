@@ -72,7 +72,7 @@ def grid(n: int, rng: np.random.Generator) -> np.ndarray:
 def exponential(n: int, rng: np.random.Generator) -> np.ndarray:
     """Node i linked to i +- 2^k (mod n), k = 0..floor(log2(n-1)), made symmetric (Ying et al. 2021):
     O(log n) degree with a spectral gap that does not vanish as n grows."""
-    offsets = 2 ** np.arange(int(math.floor(math.log2(n - 1))) + 1)
+    offsets = 2 ** np.arange(math.floor(math.log2(n - 1)) + 1)
     i = np.repeat(np.arange(n), len(offsets))
     return _edges(n, i, (i + np.tile(offsets, n)) % n)
 

@@ -11,7 +11,8 @@ from shared.config import ConfigError
 
 
 def small(tmp_path: Path, name: str, **kw: object) -> TrainConfig:
-    base = dict(name=name, out_dir=str(tmp_path), epochs=2, width=8, batch_size=128, optimizers=["sgd", "sam", "obf"])
+    base = {"name": name, "out_dir": str(tmp_path), "epochs": 2, "width": 8, "batch_size": 128,
+            "optimizers": ["sgd", "sam", "obf"]}
     base.update(kw)
     return TrainConfig(**base)
 

@@ -91,7 +91,7 @@ class LocalGrid(Grid):
             assert msg.metadata.message_type == MessageType.TRAIN and msg.metadata.group_id == str(key[1])
             try:
                 reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
-            except Exception as ex:
+            except Exception as ex:  # noqa: BLE001  (any ClientApp error becomes an Error reply, as Flower does)
                 reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(ex)), reply_to=msg)
             if key not in self.silent:
                 replies.append(reply)
