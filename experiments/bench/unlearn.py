@@ -244,7 +244,6 @@ def run(out_dir: Path | None = None, *, quick: bool = False, seed: int = 0, thre
         "environment": env,
         "candidates": rows,
         "cache_speedup": rows[RECOMPUTE]["time_ratio"],
-        "static_memory_bound": 1.25,
         "targets": targets,
         "all_targets_met": all(c["met"] for c in targets),
         "wall_s": time.perf_counter() - start,

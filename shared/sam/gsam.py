@@ -48,6 +48,16 @@ class GSAM(SharpnessAware):
             param_group.setdefault(key, value)
         super().add_param_group(param_group)
 
+    def _check_group(self, group: dict[str, Any], index: int) -> None:
+        super()._check_group(group, index)
+        check_nonnegative(f"param_groups[{index}].alpha", group["alpha"])
+        if group["rho_min"] is not None:
+            check_nonnegative(f"param_groups[{index}].rho_min", group["rho_min"])
+            if group["rho_min"] > group["rho"]:
+                raise ValueError(
+                    f"param_groups[{index}].rho_min: expected a value <= rho ({group['rho']}), got {group['rho_min']}"
+                )
+
     def _rho(self, group: dict[str, Any]) -> float:
         if group["rho_min"] is None:
             return group["rho"]

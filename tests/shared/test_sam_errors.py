@@ -107,6 +107,18 @@ def test_gsam_rho_min_above_rho() -> None:
         GSAM(nn.Linear(2, 2).parameters(), "sgd", alpha=-0.1, lr=0.1)
 
 
+def test_gsam_group_options_checked() -> None:
+    """alpha and rho_min given per group are checked as the constructor's, and a bad group added
+    later leaves the optimizer as it was."""
+    weight, bias = nn.Linear(2, 2).parameters()
+    with pytest.raises(ValueError, match=r"^param_groups\[0\].alpha: expected a value >= 0"):
+        GSAM([{"params": [weight], "alpha": -0.1}], "sgd", lr=0.1)
+    opt = GSAM([{"params": [weight]}], "sgd", rho=0.05, lr=0.1)
+    with pytest.raises(ValueError, match=r"^param_groups\[1\].rho_min: expected a value <= rho \(0.02\), got 0.03"):
+        opt.add_param_group({"params": [bias], "rho": 0.02, "rho_min": 0.03})
+    assert len(opt.param_groups) == 1
+
+
 def test_gsam_lr_range_checked_when_used() -> None:
     model, batch = model_and_batch()
     opt = GSAM(model.parameters(), "sgd", rho=0.05, rho_min=0.01, lr_min=0.1, lr_max=0.1, lr=0.1)
