@@ -14,7 +14,7 @@ Design choices, each because the usual code gets it wrong:
   what `step(closure)` and `sam_backward` do): e and then w + e are computed inside the gradient
   tensors, which become the parameters' data for the second pass while the untouched w waits in the
   parameters' own tensors; restoring swaps them back. SAM then holds no tensor the size of the
-  weights beyond what plain training holds (unlearning's NPO+SAM peaks within 1% of NPO). Otherwise
+  weights beyond what plain training holds (`samsuite bench unlearn`: NPO+SAM peaks at NPO's peak). Otherwise
   (the gradients are kept, ASAM's |w| + eta needs a buffer, or a gradient is a view into a shared
   buffer as DDP's bucket views are) the weights are copied to a backup allocated once.
   No tensor the size of a parameter is allocated after the first step.
