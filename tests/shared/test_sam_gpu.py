@@ -108,7 +108,10 @@ def test_cuda_no_parameter_sized_allocation_after_first_step(name: str) -> None:
         F.cross_entropy(model(x), y).backward()
         second = peak_over(lambda: (opt.unperturb(), opt.step()))
         opt.zero_grad(set_to_none=False)
-        if step == 0:
-            assert first >= smallest, "the first step allocates the backups"
+        keeps_buffers = name == "gsam" or opt.defaults["adaptive"]  # GSAM's copy of g, ASAM's backup
+        if step == 0 and keeps_buffers:
+            assert first >= smallest, "the first step allocates the member's buffers"
+        elif step == 0:  # w + e is built in the gradients: nothing allocated (the base step's momentum is)
+            assert first < smallest, f"step 1: first_step peaked at {first} bytes"
         else:
             assert max(first, second) < smallest, f"step {step + 1}: peaks {first}, {second} bytes"
