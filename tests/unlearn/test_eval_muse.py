@@ -12,7 +12,8 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from unlearn.eval import EvalError, default_metrics, evaluate
+from unlearn.eval import EvalError, available_metrics, default_metrics, evaluate
+from unlearn.eval import muse as muse_module
 from unlearn.eval.muse import (
     MuseDataError,
     cut_at_stops,
@@ -176,7 +177,13 @@ def test_knowmem_as_muse_computes_it(tokenizer, model64) -> None:
     answers = [outputs[0], outputs[1] + " Bank", "Glenhallow"]
     result = knowmem(model64, tokenizer, questions, answers, icl_q, icl_a, max_new_tokens=6, batch_size=2)
     assert result.outputs == outputs
-    np.testing.assert_allclose(result.scores, [lcs_rouge(a, o)[1] for a, o in zip(answers, outputs)])
+    # MUSE's knowmem_agg_key='mean_rougeL': the mean of rouge-score's fmeasure (F1), not of the recall
+    f1 = [lcs_rouge(a, o)[2] for a, o in zip(answers, outputs)]
+    recall = [lcs_rouge(a, o)[1] for a, o in zip(answers, outputs)]
+    np.testing.assert_allclose(result.scores, f1)
+    np.testing.assert_allclose(result.recalls, recall)
+    assert result.mean == pytest.approx(np.mean(f1)) and result.mean_recall == pytest.approx(np.mean(recall))
+    assert result.mean != pytest.approx(result.mean_recall)  # the answer with " Bank" added: F1 6/7, recall 3/4
     with pytest.raises(MuseDataError, match="knowmem: 1 in-context questions but 0 answers"):
         knowmem(model64, tokenizer, questions, answers, icl_q, [])
 
@@ -212,6 +219,8 @@ def muse_bench() -> Bench:
 def test_evaluate_muse_metrics(tokenizer, model64) -> None:
     bench = muse_bench()
     assert default_metrics(bench) == ["verbmem_f", "knowmem_f", "knowmem_r", "privleak_auc"]
+    assert available_metrics(bench, 0.4) == ["verbmem_f", "knowmem_f", "knowmem_r", "knowmem_f_recall",
+                                             "knowmem_r_recall", "privleak_auc", "privleak"]
     got = evaluate(model64, tokenizer, bench, metrics=["knowmem_f", "privleak"], retrain_auc=0.4, max_samples=1)
     assert list(got) == ["knowmem_f", "privleak_auc", "privleak"]
     icl = bench.muse["knowmem_forget_qa_icl"]  # max_samples cuts the questions, never the examples
@@ -219,6 +228,34 @@ def test_evaluate_muse_metrics(tokenizer, model64) -> None:
                                        icl["question"], icl["answer"]).mean
     assert got["privleak_auc"] == privleak_auc(model64, tokenizer, PROMPTS[:1], PROMPTS[3:4])
     assert got["privleak"] == pytest.approx((got["privleak_auc"] - 0.4) / 0.4 * 100)
+
+
+def test_knowmem_f1_and_recall_metrics_share_one_generation(tokenizer, model64, monkeypatch) -> None:
+    """knowmem_f/_r are MUSE's mean ROUGE-L F1; knowmem_f_recall/_r_recall the mean recall of the same
+    outputs, generated once per split. The answers are prefixes of the model's own outputs, so the
+    recall is 1 where the F1 is well below it (the old recall-based knowmem_f would read 1.0 here)."""
+    questions, icl_q, icl_a = ["Where did Alan grow up?", "Who employs Cy?"], ["Who?", "When?"], ["Bea", "1969"]
+    outputs = knowmem(model64, tokenizer, questions, ["x", "x"], icl_q, icl_a).outputs
+    answers = [" ".join(o.split()[:1]) for o in outputs]  # the first word of each output
+    qa = Dataset.from_dict({"question": questions, "answer": answers})
+    icl = Dataset.from_dict({"question": icl_q, "answer": icl_a})
+    bench = Bench({"knowmem_forget_qa": qa, "knowmem_forget_qa_icl": icl,
+                   "knowmem_retain_qa": qa.select([1]), "knowmem_retain_qa_icl": icl})
+    calls = []
+    original = muse_module.greedy_generate
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(muse_module, "greedy_generate", counting)
+    got = evaluate(model64, tokenizer, bench, metrics=["knowmem_f_recall", "knowmem_f", "knowmem_r", "knowmem_r_recall"])
+    assert calls == [2, 1]  # one generation per split, not one per metric
+    assert list(got) == ["knowmem_f", "knowmem_r", "knowmem_f_recall", "knowmem_r_recall"]
+    f1 = [lcs_rouge(a, o)[2] for a, o in zip(answers, outputs)]
+    assert all(lcs_rouge(a, o)[1] == 1.0 for a, o in zip(answers, outputs)) and max(f1) < 0.5
+    assert got["knowmem_f"] == pytest.approx(np.mean(f1)) and got["knowmem_r"] == pytest.approx(f1[1])
+    assert got["knowmem_f_recall"] == 1.0 and got["knowmem_r_recall"] == 1.0
 
 
 def test_evaluate_muse_bad_requests(tokenizer, model64) -> None:

@@ -2,7 +2,10 @@
 and MUSE's VerbMem, KnowMem and PrivLeak, on any `Benchmark`; fast enough to run inside training
 loops. A metric is added by registering it in `METRICS` with the tables it needs.
 
-Values: accuracies, ROUGE scores and AUCs are fractions; privleak is MUSE's percentage.
+Values: accuracies, ROUGE scores and AUCs are fractions; privleak is MUSE's percentage. KnowMem
+(`knowmem_f`, `knowmem_r`) is the mean ROUGE-L F1, as MUSE reports it; the extra metrics
+`knowmem_f_recall`, `knowmem_r_recall` (asked for by name, not in the defaults) are the mean ROUGE-L
+recall of the same generations, which are made once when both are asked for.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
@@ -21,7 +24,7 @@ from shared.registry import Registry
 from shared.runio import environment
 from shared.validate import check_choice, check_positive
 from unlearn.eval.mc import MCResult, check_mc, mc_prompt, score_mc
-from unlearn.eval.muse import knowmem, min_k_prob, privleak, privleak_auc, verbmem
+from unlearn.eval.muse import GenerationScores, knowmem, min_k_prob, privleak, privleak_auc, verbmem
 
 if TYPE_CHECKING:  # any object with the sections mc / muse (mappings of tables) and a name will do
     from unlearn.benchmarks import Benchmark
@@ -35,6 +38,7 @@ __all__ = [
     "MCResult",
     "Metric",
     "ModelSpec",
+    "available_metrics",
     "check_mc",
     "default_metrics",
     "evaluate",
@@ -62,6 +66,8 @@ class Options:
     max_samples: int | None
     batch_size: int
     progress: bool
+    #: results shared by the metrics of one `evaluate` call (e.g. one set of KnowMem generations for F1 and recall)
+    memo: dict[Any, Any] = field(default_factory=dict)
 
 
 Compute = Callable[[PreTrainedModel, PreTrainedTokenizerBase, "Benchmark", Options], float]
@@ -69,20 +75,22 @@ Compute = Callable[[PreTrainedModel, PreTrainedTokenizerBase, "Benchmark", Optio
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric: the benchmark tables it reads, as (section, key), and how it is computed."""
+    """A named metric: the benchmark tables it reads, as (section, key), how it is computed, and
+    whether it is one of the defaults (an extra metric is computed only when asked for by name)."""
 
     name: str
     needs: tuple[tuple[str, str], ...]
     compute: Compute
+    default: bool = True
 
 
 METRICS: Registry[Metric] = Registry("metric")
 ORDER: list[str] = []  # registration order: the order of the keys in every result
 
 
-def register(name: str, *needs: tuple[str, str]) -> Callable[[Compute], Compute]:
+def register(name: str, *needs: tuple[str, str], default: bool = True) -> Callable[[Compute], Compute]:
     def decorator(compute: Compute) -> Compute:
-        METRICS.register(name)(Metric(name, needs, compute))
+        METRICS.register(name)(Metric(name, needs, compute, default))
         ORDER.append(name)
         return compute
 
@@ -125,19 +133,31 @@ def _verbmem_f(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bench
                    progress=opts.progress).mean
 
 
-def _knowmem_metric(which: str) -> Compute:
-    def compute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bench: Benchmark, opts: Options) -> float:
+def _knowmem_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bench: Benchmark, opts: Options,
+                    which: str) -> GenerationScores:
+    """KnowMem's generations and ROUGE-L on one split, made once per `evaluate` call."""
+    key = ("knowmem", which)
+    if key not in opts.memo:
         qa = _table(bench, "muse", f"knowmem_{which}_qa", opts.max_samples)
         icl = _table(bench, "muse", f"knowmem_{which}_qa_icl")  # the prompt's examples: never cut
-        return knowmem(model, tokenizer, qa["question"], qa["answer"], icl["question"], icl["answer"],
-                       batch_size=opts.batch_size, progress=opts.progress).mean
+        opts.memo[key] = knowmem(model, tokenizer, qa["question"], qa["answer"], icl["question"], icl["answer"],
+                                 batch_size=opts.batch_size, progress=opts.progress)
+    return opts.memo[key]
+
+
+def _knowmem_metric(which: str, recall: bool) -> Compute:
+    def compute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bench: Benchmark, opts: Options) -> float:
+        scores = _knowmem_scores(model, tokenizer, bench, opts, which)
+        return scores.mean_recall if recall else scores.mean
 
     return compute
 
 
-for _short, _which in (("f", "forget"), ("r", "retain")):
-    register(f"knowmem_{_short}", ("muse", f"knowmem_{_which}_qa"), ("muse", f"knowmem_{_which}_qa_icl"))(
-        _knowmem_metric(_which))
+#: KnowMem: mean ROUGE-L F1 (MUSE's number) under MUSE's names, then the mean recall as extra metrics.
+for _suffix, _recall in (("", False), ("_recall", True)):
+    for _short, _which in (("f", "forget"), ("r", "retain")):
+        register(f"knowmem_{_short}{_suffix}", ("muse", f"knowmem_{_which}_qa"), ("muse", f"knowmem_{_which}_qa_icl"),
+                 default=not _recall)(_knowmem_metric(_which, _recall))
 
 
 @register("privleak_auc", ("muse", "privleak_forget"), ("muse", "privleak_holdout"))
@@ -151,10 +171,16 @@ def metric_names() -> list[str]:
     return [*ORDER, PRIVLEAK]
 
 
-def default_metrics(bench: Benchmark, retrain_auc: float | None = None) -> list[str]:
-    """Every metric whose tables the benchmark has (+ privleak when the retrained model's AUC is known)."""
+def available_metrics(bench: Benchmark, retrain_auc: float | None = None) -> list[str]:
+    """Every metric whose tables the benchmark has, extra metrics included (+ privleak when the
+    retrained model's AUC is known)."""
     names = [n for n in ORDER if all(key in getattr(bench, section) for section, key in METRICS.get(n).needs)]
     return names + ([PRIVLEAK] if retrain_auc is not None and "privleak_auc" in names else [])
+
+
+def default_metrics(bench: Benchmark, retrain_auc: float | None = None) -> list[str]:
+    """Every default metric whose tables the benchmark has (+ privleak when the retrained model's AUC is known)."""
+    return [n for n in available_metrics(bench, retrain_auc) if n == PRIVLEAK or METRICS.get(n).default]
 
 
 def _check_metrics(metrics: Sequence[str], retrain_auc: float | None, has_retrain: bool = False) -> list[str]:
@@ -180,9 +206,10 @@ def evaluate(
     retrain_auc: float | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
-    """The requested metrics (default: all the benchmark supports) of `model`, in a fixed key order:
-    forget_acc, utility_acc, forget_acc_cloze, utility_acc_cloze, verbmem_f, knowmem_f, knowmem_r,
-    privleak_auc, privleak. `max_samples` keeps the first N rows of every evaluated split (not of the in-context examples)."""
+    """The requested metrics (default: every default metric the benchmark supports) of `model`, in a
+    fixed key order: forget_acc, utility_acc, forget_acc_cloze, utility_acc_cloze, verbmem_f, knowmem_f,
+    knowmem_r, knowmem_f_recall, knowmem_r_recall, privleak_auc, privleak. `max_samples` keeps the first
+    N rows of every evaluated split (not of the in-context examples)."""
     check_positive("batch_size", batch_size)
     if max_samples is not None:
         check_positive("max_samples", max_samples)

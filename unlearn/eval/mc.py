@@ -11,8 +11,11 @@ left-truncates the input to the model's maximum length; `encode_pairs` and `logl
 
 Faster than lm-eval on the same work: when every continuation of a question is one token (the
 letters, in every tokenizer we know), the four share one forward pass over the context; rows are
-left-padded in length-sorted batches and the LM head is applied to the scored positions only
-(`logits_to_keep`), not to every position of the batch.
+right-padded in length-sorted batches and the LM head is applied to the scored positions only
+(`logits_to_keep`), not to every position of the batch. Right padding, not left: a left-padded
+row's padding positions attend to nothing, which some attention implementations (eager attention
+in float64) turn into NaN that the next layer spreads into the real positions; a right-padded row's
+padding positions see its real tokens, and its real tokens never see the padding.
 """
 
 from __future__ import annotations
@@ -23,20 +26,57 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from datasets import Dataset
-from lm_eval.models.utils import DEFAULT_MAX_LENGTH, resolve_max_length
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unlearn.eval.batching import at_least_float32, eval_mode, left_pad, length_batches, model_device, pad_id
+from unlearn.eval.batching import at_least_float32, eval_mode, length_batches, model_device, pad_id
 
 CHOICE_LABELS = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "
 DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
 MC_COLUMNS = ("question", "choices", "answer")
+#: HFLM's length when neither the model config nor the tokenizer gives one (lm-eval's DEFAULT_MAX_LENGTH).
+DEFAULT_MAX_LENGTH = 2048
+#: transformers' `model_max_length` of a tokenizer that sets none (VERY_LARGE_INTEGER; lm-eval's TOKENIZER_INFINITY).
+TOKENIZER_UNSET = int(1e30)
+MAX_LENGTH_CONFIG_FIELDS = ("n_positions", "max_position_embeddings", "n_ctx")
 
 
 class MCDataError(ValueError):
     """A multiple-choice split that does not have the WMDP format."""
+
+
+def model_max_length(config, tokenizer: PreTrainedTokenizerBase | None = None,
+                     default: int = DEFAULT_MAX_LENGTH) -> int:
+    """The context length HFLM truncates to (`HFLM.max_length` without a `max_length` argument): the
+    first of the config's n_positions, max_position_embeddings, n_ctx that is set (a composite
+    config's `text_config` first), else the tokenizer's `model_max_length` unless transformers' "unset"
+    value, else `default` (2048).
+
+    Written here rather than imported: lm-eval's helper (`lm_eval.models.utils.resolve_max_length`)
+    is internal, not in every release we support (older ones inline the rule in HFLM.max_length, with
+    `hasattr` and no `text_config`), so importing it would tie us to the lm-eval versions that have it;
+    a test checks this function against it where it exists."""
+    config = getattr(config, "text_config", None) or config
+    for field in MAX_LENGTH_CONFIG_FIELDS:
+        value = getattr(config, field, None)
+        if value is not None:
+            return int(value)
+    value = getattr(tokenizer, "model_max_length", None)
+    if value is not None and value < TOKENIZER_UNSET:
+        return int(value)
+    return default
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, Tensor]:
+    """input_ids and attention_mask of right-padded rows: each row's real tokens at columns 0..n-1
+    (their positions as if the row ran alone), padding after them. The scorers pad on the right
+    because no position of such a row attends to padding only (see the module docstring)."""
+    ids = pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones(len(r), dtype=torch.long) for r in rows], batch_first=True, padding_value=0)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
 def description(subject: str | None) -> str:
@@ -140,22 +180,27 @@ def loglikelihoods(
 ) -> np.ndarray:
     """(questions, choices) float64 log-likelihoods of each (context tokens, continuation tokens)
     request, as HFLM's `_loglikelihood_tokens` computes them (left truncation to the model's maximum
-    length included; log-softmax in float32 here, where lm-eval keeps the model's dtype)."""
+    length included; log-softmax in float32 here, where lm-eval keeps the model's dtype). Rows are
+    right-padded; the LM head runs on the columns that some row of the batch scores."""
     if len({len(pairs) for pairs in requests}) > 1:
         raise MCDataError("loglikelihoods: every question needs the same number of choices")
-    rows = _rows(requests, resolve_max_length(model.config, tokenizer, default=DEFAULT_MAX_LENGTH))
+    rows = _rows(requests, model_max_length(model.config, tokenizer))
     out = np.zeros((len(requests), len(requests[0]) if requests else 0), dtype=np.float64)
     device, pad = model_device(model), pad_id(tokenizer)
     batches = length_batches([len(r.tokens) for r in rows], batch_size)
     with eval_mode(model):
         for batch in tqdm(batches, desc="multiple choice", unit="batch", disable=not progress, leave=False):
             chosen = [rows[i] for i in batch]
-            keep = max(len(cont) for row in chosen for _, _, cont in row.targets)
-            logits = model(**left_pad([r.tokens for r in chosen], pad, device), logits_to_keep=keep).logits
+            # row b's continuation of n tokens is scored by the logits at its last n columns
+            spans = [(len(r.tokens), max(len(cont) for _, _, cont in r.targets)) for r in chosen]
+            columns = sorted({c for end, n in spans for c in range(end - n, end)})
+            where = {c: k for k, c in enumerate(columns)}
+            keep = torch.tensor(columns, dtype=torch.long, device=device)
+            logits = model(**right_pad([r.tokens for r in chosen], pad, device), logits_to_keep=keep).logits
             logprobs = torch.log_softmax(at_least_float32(logits), dim=-1)
-            for b, row in enumerate(chosen):
+            for b, (row, (end, _)) in enumerate(zip(chosen, spans)):
                 for q, c, cont in row.targets:
-                    positions = torch.arange(keep - len(cont), keep, device=device)
+                    positions = torch.tensor([where[p] for p in range(end - len(cont), end)], device=device)
                     tokens = torch.tensor(cont, device=device)
                     out[q, c] = float(logprobs[b, positions, tokens].double().sum())
     return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared.registry import Registry
-from unlearn.data import LMBatch, collate
+from unlearn.data import IGNORE, LMBatch, collate
 
 if TYPE_CHECKING:
     from unlearn.train import UnlearnConfig
@@ -63,14 +63,33 @@ class Objective:
 # ---------------------------------------------------------------------- shared pieces of losses
 def token_logprobs(model: nn.Module, batch: LMBatch) -> Tensor:
     """[B, T-1] log p(x_t | x_<t) of each label token (0 where the label is padding), in float32 or
-    wider (bf16 logits are upcast, as transformers does for its loss)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    wider (bf16 logits are upcast, as transformers does for its loss).
+
+    Rows with left padding are run shifted to the left (right-padded, real tokens from column 0, as if
+    alone) and the result shifted back: a left-padded row's padding positions attend to nothing, which
+    some attention implementations (eager attention in float64) turn into NaN that the next layer
+    spreads into the real positions, and whose gradient is NaN even where the loss masks it. Padding is
+    selected out with torch.where, never multiplied by 0."""
+    input_ids, attention_mask, labels = batch.input_ids, batch.attention_mask, batch.labels
+    width = input_ids.shape[1]
+    lead = (attention_mask.cumsum(1) == 0).sum(1, keepdim=True)  # each row's left padding
+    shifted = width > 1 and bool(lead.any())
+    if shifted:
+        columns = (torch.arange(width, device=lead.device) + lead) % width
+        input_ids, attention_mask, labels = (t.gather(1, columns) for t in (input_ids, attention_mask, labels))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return -F.cross_entropy(logits.transpose(1, 2), batch.labels[:, 1:], ignore_index=-100, reduction="none")
+    targets = labels[:, 1:]
+    predicted = targets != IGNORE
+    nll = F.cross_entropy(logits.transpose(1, 2), torch.where(predicted, targets, 0), reduction="none")
+    logprobs = torch.where(predicted, -nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
+    if shifted:  # back to the batch's columns; a row's left padding maps to its (zero) tail
+        logprobs = logprobs.gather(1, (torch.arange(width - 1, device=lead.device) - lead) % (width - 1))
+    return logprobs
 
 
 def sequence_logprob(model: nn.Module, batch: LMBatch) -> Tensor:
-    """[B] log p(y | x) of each whole sequence: the sum over its label tokens (padding masked)."""
+    """[B] log p(y | x) of each whole sequence: the sum over its label tokens (padding selected out)."""
     return token_logprobs(model, batch).sum(1)
 
 

@@ -1,7 +1,7 @@
 """Representation Misdirection for Unlearning (Li et al. 2024, "The WMDP Benchmark: Measuring and
-Reducing Malicious Use With Unlearning"). On forget text, steer the hidden states h_l of decoder
-layer l towards c * u (u a random unit vector, seeded); on retain text, keep h_l where the frozen
-model puts it:
+Reducing Malicious Use With Unlearning"). On forget text, steer the hidden states h_l (the output
+of decoder layer l, before any final norm) towards c * u (u a random unit vector, seeded); on
+retain text, keep h_l where the frozen model puts it:
 
     l_f = E ||h_l(x_f) - c u||^2 / d        l_r = E ||h_l(x_r) - h_l^frozen(x_r)||^2 / d
 
@@ -26,16 +26,51 @@ from unlearn.objectives.base import OBJECTIVES, Objective, ObjectiveContext, Set
 CONTROL_KEY, FROZEN_KEY = "rmu_control", "rmu_frozen"
 
 
+def decoder_layers(decoder: nn.Module) -> nn.ModuleList:
+    """The decoder's list of layers (`layers` in Llama-style models, `h` in GPT-2-style ones)."""
+    for name in ("layers", "h"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"rmu_layer: {type(decoder).__name__} has no list of decoder layers (layers or h)")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass after the hooked layer."""
+
+
 def hidden_states(model: nn.Module, batch: LMBatch, layer: int) -> Tensor:
-    """[B, T, d] output of decoder layer `layer` (hidden_states[layer + 1]; 0 is the embeddings)."""
-    out = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
-    return out.hidden_states[layer + 1]
+    """[B, T, d] output of decoder layer `layer` itself, captured by a forward hook on that layer (as
+    open-unlearning's RMU does). Not `hidden_states[layer + 1]` of an `output_hidden_states` call: for
+    the last layer, Hugging Face models return the final norm's output there, not the layer's. The
+    forward stops at the hooked layer (the later layers are not run); the hook removes itself on its
+    first call, so a gradient-checkpointing recompute of the layer runs without it."""
+    decoder = model.get_decoder()
+    captured: list[Tensor] = []
+
+    def capture(module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
+        handle.remove()
+        captured.append(output if isinstance(output, Tensor) else output[0])  # a tuple in transformers 4.x
+        raise _Captured
+
+    handle = decoder_layers(decoder)[layer].register_forward_hook(capture)
+    try:
+        decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"rmu_layer: decoder layer {layer} did not run in the model's forward pass")
+    return captured[0]
 
 
 def masked_mse(h: Tensor, target: Tensor, batch: LMBatch) -> Tensor:
-    """Mean over the step's non-padding positions and the hidden dimensions of (h - target)^2."""
+    """Mean over the step's non-padding positions and the hidden dimensions of (h - target)^2; padding
+    positions are selected out (torch.where), never multiplied by 0, so a non-finite value there stays out."""
     dtype = torch.promote_types(h.dtype, torch.float32)
-    sq = (h.to(dtype) - target.to(dtype)).pow(2).sum(-1) * batch.attention_mask
+    sq = (h.to(dtype) - target.to(dtype)).pow(2).sum(-1)
+    sq = torch.where(batch.attention_mask.bool(), sq, torch.zeros((), dtype=dtype, device=sq.device))
     return sq.sum() / (batch.position_norm * h.shape[-1])
 
 
