@@ -1,15 +1,25 @@
-"""The `samsuite` command line: `train`, `fed ...`, `unlearn ...` and `bench ...`."""
+"""The `samsuite` command line: `train`, `fed ...`, `unlearn ...` and `bench ...`.
+
+Exit codes: 0 success; 2 bad input (a config value, file or run folder refused before any work);
+1 a failure at run time (a diverged run, a full disk, an unexpected error); 130 interrupted.
+Expected errors print one line, `error: ...`, naming the field or file and what to change, and no
+traceback; `samsuite --debug ...` or SAMSUITE_DEBUG=1 adds the traceback.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 
 from experiments.cli_fed import fed_app
 from experiments.cli_unlearn import unlearn_app
-from shared.config import ConfigError
+from shared.errors import ConfigError, RunError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="samsuite: the SAM family for FL and LLM unlearning.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured in one run).")
@@ -26,26 +36,17 @@ def split_args(args: list[str] | None) -> tuple[Path | None, list[str]]:
     return (Path(paths[0]) if paths else None), [a for a in args or [] if "=" in a]
 
 
-def _fail(err: Exception) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command(context_settings={"allow_extra_args": False})
 def train(args: Optional[list[str]] = typer.Argument(None, help="[CONFIG.yaml] [key=value ...]")) -> None:
     """Train the digits CNN with SGD, SAM, ASAM, GSAM and OBF; results under runs/<name>/."""
     from experiments.train import TrainConfig, run_train
     from shared.config import load_config
 
-    try:
-        cfg = load_config(TrainConfig, *split_args(args))
-    except ConfigError as err:
-        _fail(err)
-    summary = run_train(cfg)
+    cfg = load_config(TrainConfig, *split_args(args))
+    run_train(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
     typer.echo((run_dir / "results.md").read_text())
     typer.echo(f"results, curves.png and summary.json in {run_dir}")
-    del summary
 
 
 @bench_app.command("optim")
@@ -105,9 +106,42 @@ def bench_eval(
     run(out_dir=out, quick=quick, seed=seed, threads=threads, model=model, dtype=dtype, device=device)
 
 
-def main() -> None:
-    app()
+def _error(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv` (default: sys.argv[1:]); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SAMSUITE_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        command = typer.main.get_command(app)
+        command.main(args=argv, prog_name="samsuite", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    except click.ClickException as err:  # usage errors: click's own message (and exit code 2)
+        err.show()
+        return err.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        _error("interrupted; the same command resumes the run from its last checkpoint")
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error ends here as one line (the traceback with --debug)
+        if debug:
+            traceback.print_exc()
+        if isinstance(err, ValueError):  # ConfigError and the domains' input errors
+            _error(str(err))
+            return 2
+        if isinstance(err, (RunError, OSError)):
+            _error(str(err))
+        elif isinstance(err, MemoryError):
+            _error("out of memory; lower batch_size or the model size")
+        else:
+            _error(f"unexpected {type(err).__name__}: {err} (run again with --debug for the traceback, and "
+                   "please report it)")
+        return 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

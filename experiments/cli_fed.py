@@ -17,16 +17,13 @@ def run(
 ) -> None:
     """Run decentralized FL (default: DFedSAM on digits, 10 nodes, ring, Dirichlet 0.3); results
     under runs/<name>/. Configs: experiments/configs/fed/*.yaml; any field as key=value."""
-    from experiments.cli import _fail, split_args
+    from experiments.cli import split_args
     from fedsam.config import FedConfig
     from fedsam.engine import run_fed
-    from shared.config import ConfigError, load_config
+    from shared.config import load_config
 
-    try:
-        cfg = load_config(FedConfig, *split_args(args))
-        run_fed(cfg, progress=progress)
-    except ConfigError as err:
-        _fail(err)
+    cfg = load_config(FedConfig, *split_args(args))
+    run_fed(cfg, progress=progress)
     run_dir = Path(cfg.out_dir) / str(cfg.name)
     typer.echo((run_dir / "results.md").read_text())
     typer.echo(f"metrics.jsonl, curves.png and summary.json in {run_dir}")
@@ -39,18 +36,15 @@ def sweep(
 ) -> None:
     """Run a grid of configs (a `sweep:` section, e.g. experiments/configs/fed/digits_sweep.yaml) one
     after the other, each resumable, then compare them: <out_dir>/<sweep name>/compare.{csv,md,png}."""
-    from experiments.cli import _fail, split_args
+    from experiments.cli import split_args
     from fedsam.engine import load_sweep, run_sweep
     from shared.config import ConfigError
 
-    try:
-        path, overrides = split_args(args)
-        if path is None:
-            raise ConfigError("expected a sweep file (SWEEP.yaml) before the key=value overrides")
-        spec = load_sweep(path, overrides)
-        run_sweep(spec, progress=progress)
-    except ConfigError as err:
-        _fail(err)
+    path, overrides = split_args(args)
+    if path is None:
+        raise ConfigError("expected a sweep file (SWEEP.yaml) before the key=value overrides")
+    spec = load_sweep(path, overrides)
+    run_sweep(spec, progress=progress)
     typer.echo((spec.out / "compare.md").read_text())
     typer.echo(f"runs, compare.csv and compare.png in {spec.out}")
 
@@ -62,12 +56,8 @@ def compare(
     title: Optional[str] = typer.Option(None, help="title of the table and plot"),
 ) -> None:
     """Table (final/best test accuracy, personalized accuracy, consensus distance, bytes) and plot across runs."""
-    from experiments.cli import _fail
     from fedsam.compare import compare_runs
 
-    try:
-        compare_runs(runs, out, title=title)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    compare_runs(runs, out, title=title)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"compare.csv and compare.png in {out}")

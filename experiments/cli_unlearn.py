@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -24,12 +24,8 @@ def prepare_command(
     """Build the embedded benchmark's "target" (forget + retain) and "retrain" (retain only) models."""
     from unlearn.prepare import prepare
 
-    try:
-        record = prepare(out, scale=scale, seed=seed, overrides=overrides or [], device=device, threads=threads,
-                         force=force)
-    except ValueError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    record = prepare(out, scale=scale, seed=seed, overrides=overrides or [], device=device, threads=threads,
+                     force=force)
     typer.echo(json.dumps(record["models"], indent=2))
     typer.echo(f"models in {out}/target and {out}/retrain; figures in {out}/prepare.json")
 
@@ -67,26 +63,39 @@ def eval_command(
     out_dir: Path = typer.Option(Path("runs"), help="folder of run folders"),
 ) -> None:
     """Evaluate a model: WMDP-style multiple choice (as lm-eval computes it) and MUSE's VerbMem, KnowMem, PrivLeak."""
-    from shared.runio import write_json
-    from unlearn.benchmarks import UnknownSplitError
+    from shared.runio import RunDir, check_out_dir, check_run_name, write_json
+    from shared.validate import check_device
     from unlearn.eval import ModelSpec, evaluate_model
+    from unlearn.models import check_model_spec
 
-    try:
-        spec = ModelSpec(model, dtype, device, gguf_file, adapter, trust_remote_code)
-        record = evaluate_model(
+    check_device("device", device)
+    check_model_spec(model, "model", gguf_file)
+    if retrain:
+        check_model_spec(retrain, "retrain")
+    spec = ModelSpec(model, dtype, device, gguf_file, adapter, trust_remote_code)
+    run_name = f"eval-{name or Path(model.rstrip('/')).stem + '-' + Path(benchmark.rstrip('/')).name}"
+    if output is None:
+        check_run_name(run_name, "name")
+        check_out_dir(out_dir)
+    else:
+        check_out_dir(output.parent, "output")
+
+    def evaluate() -> dict[str, Any]:
+        return evaluate_model(
             spec, benchmark, backend=backend, metrics=metric, max_samples=max_samples, batch_size=batch_size,
             retrain=ModelSpec(retrain, dtype, device, trust_remote_code=trust_remote_code) if retrain else None,
             paths=_key_values(paths, "paths"), cache_dir=str(cache_dir) if cache_dir else None,
             subsets=subset, seed=seed,
         )
-    except (ValueError, UnknownSplitError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
-    if output is None:
-        run_name = name or f"{Path(model.rstrip('/')).stem}-{Path(benchmark.rstrip('/')).name}"
-        output = out_dir / f"eval-{run_name}" / "eval.json"
+
+    if output is not None:
+        record = evaluate()
+        write_json(output, record)
+    else:
+        with RunDir.claim(out_dir, run_name, "eval") as run:
+            record = evaluate()
+            output = run.write_json("eval.json", record)
         typer.echo(json.dumps(record, indent=2, default=str))
-    write_json(output, record)
     typer.secho(f"metrics written to {output}", err=True)
 
 
@@ -95,15 +104,11 @@ def run_command(args: Optional[list[str]] = typer.Argument(None, help="[CONFIG.y
     """Prepare -> evaluate -> unlearn -> evaluate -> relearn -> evaluate, for every method x seed (default:
     NPO vs NPO+SAM on the embedded benchmark, tiny model); results under runs/<name>/, resumable.
     Configs: experiments/configs/unlearn/*.yaml; any field as key=value (unlearn.lr=0.0001, seeds=[0,1,2])."""
-    from experiments.cli import _fail, split_args
-    from shared.config import ConfigError
+    from experiments.cli import split_args
     from unlearn.pipeline import load_run_config, run_pipeline
 
-    try:
-        cfg = load_run_config(*split_args(args))
-        run_pipeline(cfg)
-    except (ConfigError, ValueError) as err:
-        _fail(err)
+    cfg = load_run_config(*split_args(args))
+    run_pipeline(cfg)
     run_dir = Path(cfg.out_dir) / cfg.name
     typer.echo((run_dir / "results.md").read_text())
     typer.echo(f"summary.json, metrics.jsonl, bars.png and relearn_curves.png in {run_dir}")
@@ -126,30 +131,33 @@ def relearn_command(
 ) -> None:
     """The relearning attack: fine-tune MODEL on N forget samples (several seeded draws) and follow the forget
     metrics; writes relearn.json (curve: mean ± std over draws) and relearn_curves.png."""
-    import torch
-
     from shared.config import ConfigError, apply_overrides, from_dict
-    from unlearn.benchmarks import UnknownSplitError, load_benchmark
-    from unlearn.eval import default_metrics
-    from unlearn.models import load_model
+    from shared.runio import RunDir
+    from shared.threads import torch_threads
+    from shared.validate import check_device
+    from unlearn.benchmarks import load_benchmark
+    from unlearn.eval import available_metrics
+    from unlearn.models import check_model_spec, load_model
     from unlearn.plots import relearn_curves
-    from unlearn.relearn import RelearnConfig, benchmark_eval_fn, curve_metrics, relearn
+    from unlearn.relearn import RelearnConfig, benchmark_eval_fn, curve_metrics, draw_samples, relearn
 
     out = out or Path("runs") / f"relearn-{Path(model.rstrip('/')).name}"
+    cfg = from_dict(RelearnConfig, apply_overrides({}, overrides or []))
+    check_device("device", device)
+    check_model_spec(model, "model")
+    bench = load_benchmark(benchmark, paths=_key_values(paths, "paths"), subsets=subset, seed=seed)
+    metrics = curve_metrics(bench, cfg.metrics, available_metrics(bench))
+    forget = list(bench.corpora["forget"]["text"])
     try:
-        cfg = from_dict(RelearnConfig, apply_overrides({}, overrides or []))
-        if threads:
-            torch.set_num_threads(threads)
-        bench = load_benchmark(benchmark, paths=_key_values(paths, "paths"), subsets=subset, seed=seed)
-        metrics = curve_metrics(bench, cfg.metrics, default_metrics(bench))
+        draw_samples(len(forget), cfg.n_samples, cfg.seed, 0)
+    except ConfigError as err:
+        raise ConfigError(f"{err} (relearn's n_samples=)") from None
+    with RunDir.claim(out.parent, out.name, "relearn"), torch_threads(threads):
         lm, tokenizer = load_model(model, dtype=dtype, device=device)
         eval_fn = benchmark_eval_fn(tokenizer, bench, metrics, max_samples=max_samples, batch_size=batch_size)
-        result = relearn(lm, tokenizer, list(bench.corpora["forget"]["text"]), cfg, eval_fn=eval_fn, run_dir=out)
-    except (ConfigError, ValueError, UnknownSplitError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
-    relearn_curves(out / "relearn_curves.png", {Path(model.rstrip("/")).name: result["curve"]}, {}, metrics,
-                   f"Relearning attack on {model}: {cfg.n_samples or 'all'} forget samples, {cfg.draws} draws")
+        result = relearn(lm, tokenizer, forget, cfg, eval_fn=eval_fn, run_dir=out)
+        relearn_curves(out / "relearn_curves.png", {Path(model.rstrip("/")).name: result["curve"]}, {}, metrics,
+                       f"Relearning attack on {model}: {cfg.n_samples or 'all'} forget samples, {cfg.draws} draws")
     typer.echo(json.dumps(result["curve"], indent=2))
     typer.echo(f"relearn.json, relearn_curves.png and one folder per draw in {out}")
 
@@ -164,10 +172,6 @@ def compare_command(
     mean ± std over seeds."""
     from unlearn.pipeline import compare_runs
 
-    try:
-        compare_runs(runs, out, title=title)
-    except (FileNotFoundError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2) from None
+    compare_runs(runs, out, title=title)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"compare.csv in {out}")

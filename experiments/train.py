@@ -22,14 +22,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from shared import BASE_OPTIMIZERS, OPTIMIZERS, SharpnessAware, build_optimizer, chunk, sam_backward
-from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.config import ConfigError, to_dict
+from shared.config import ConfigError, check_finite, to_dict
 from shared.digits import digits_split
+from shared.errors import Diverged
 from shared.models import DigitsCNN
 from shared.report import learning_curves, write_table
-from shared.runio import RunDir, environment
+from shared.runio import RunDir, check_run_name, environment
 from shared.seeding import derive_seed, seed_everything
-from shared.validate import check_positive, check_range
+from shared.validate import check_nonnegative, check_positive, check_range
+
+# Settings that do not change a run's numbers: a run may resume with other values.
+RESUME_NEUTRAL = ("resume", "threads")
 
 
 def _default_options() -> dict[str, dict[str, Any]]:
@@ -66,9 +69,12 @@ class TrainConfig:
     split_seed: int = 0
     seed: int = 0
     threads: int | None = None
+    max_loss: float = 1e4  # a training loss above this (or NaN) stops the run as diverged
     resume: bool = True
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        check_run_name(self.name)
         if not self.optimizers:
             raise ConfigError("optimizers: expected at least one optimizer")
         allowed = OPTIMIZERS.names() + BASE_OPTIMIZERS.names()
@@ -89,8 +95,30 @@ class TrainConfig:
             raise ConfigError(f"m: expected 1 <= m <= batch_size ({self.batch_size}), got {self.m}")
         if self.m is not None and self.grad_accum > 1:
             raise ConfigError("m, grad_accum: set one of them (m-sharpness already splits the batch)")
-        check_positive("lr", self.lr)
-        check_range("test_size", self.test_size, 1e-6, 1 - 1e-6)
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads: expected an integer >= 1 (or null: torch's choice), got {self.threads}")
+        try:
+            check_positive("lr", self.lr)
+            check_positive("max_loss", self.max_loss)
+            check_range("momentum", self.momentum, 0.0, 1.0 - 1e-12)
+            check_nonnegative("weight_decay", self.weight_decay)
+            check_range("test_size", self.test_size, 1e-6, 1 - 1e-6)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        for name in self.optimizers:  # every optimizer's options are checked before any work
+            try:
+                self.optimizer(name, [torch.zeros(1, requires_grad=True)])
+            except (ValueError, TypeError) as err:
+                where = f"options.{name}" if name in OPTIMIZERS else f"optimizers ({name})"
+                key, sep, rest = str(err).partition(": ")
+                raise ConfigError(f"{where}.{key}: {rest}" if sep and key.isidentifier() else f"{where}: {err}") from None
+
+    def optimizer(self, name: str, params: Any) -> torch.optim.Optimizer:
+        """Optimizer `name` of this comparison over `params`, with its options."""
+        kwargs = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+        if name in OPTIMIZERS:
+            return build_optimizer(name, params, self.base, **self.options.get(name, {}), **kwargs)
+        return build_optimizer(name, params, **kwargs)
 
 
 @dataclass
@@ -107,11 +135,7 @@ class _Arm:
 def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], steps_total: int) -> _Arm:
     model = DigitsCNN(width=cfg.width)
     model.load_state_dict(init)
-    kwargs = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
-    if name in OPTIMIZERS:
-        opt = build_optimizer(name, model.parameters(), cfg.base, **cfg.options.get(name, {}), **kwargs)
-    else:
-        opt = build_optimizer(name, model.parameters(), **kwargs)
+    opt = cfg.optimizer(name, model.parameters())
     if cfg.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
     else:
@@ -156,68 +180,88 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train every optimizer of `cfg`; returns the summary (also written to summary.json)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run = RunDir(Path(cfg.out_dir) / cfg.name)
-    config = to_dict(cfg)
     x_train, y_train, x_test, y_test = digits_split(cfg.test_size, cfg.split_seed)
     steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
-    seed_everything(cfg.seed)
-    init = DigitsCNN(width=cfg.width).state_dict()
-    arms = [_make_arm(name, cfg, init, cfg.epochs * steps_per_epoch) for name in cfg.optimizers]
+    with RunDir.claim(cfg.out_dir, cfg.name, "train") as run:
+        config = to_dict(cfg)
+        seed_everything(cfg.seed)
+        init = DigitsCNN(width=cfg.width).state_dict()
+        arms = [_make_arm(name, cfg, init, cfg.epochs * steps_per_epoch) for name in cfg.optimizers]
+        start_epoch = _resume(run, arms, config) if cfg.resume else 0
+        if start_epoch == 0:  # a fresh start: no stale checkpoint may be resumed from later
+            run.truncate_metrics(0)
+            run.remove_checkpoint()
+        run.write_config(config)
+        saved = start_epoch or None
+        progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=cfg.name,
+                        unit="step")
+        for epoch in range(start_epoch, cfg.epochs):
+            order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch)))
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                batch = (x_train[idx], y_train[idx])
+                for arm in arms:  # round-robin: every optimizer sees the same batch and the same noise
+                    t0 = time.perf_counter()
+                    train_step(arm, batch, cfg)
+                    arm.step_times.append(time.perf_counter() - t0)
+                progress.update()
+            records = [_epoch_record(arm, epoch, (x_train, y_train, x_test, y_test)) for arm in arms]
+            for record in records:
+                if not (math.isfinite(record["train_loss"]) and record["train_loss"] <= cfg.max_loss):
+                    progress.close()
+                    raise Diverged(f"epoch {epoch + 1}, optimizer {record['optimizer']}",
+                                   f"training loss {record['train_loss']:.4g}, limit max_loss={cfg.max_loss:g}",
+                                   _checkpoint_path(run) if saved else None, f"epoch {saved}",
+                                   f"Lower lr (or that optimizer's rho in options), or raise max_loss; the same "
+                                   f"command{' resumes from it' if saved else ' starts over'}.")
+                run.log(record)
+            progress.set_postfix({r["optimizer"]: f"{r['test_acc']:.3f}" for r in records})
+            _save(run, arms, config, epoch + 1)
+            saved = epoch + 1
+        progress.close()
+        return _finish(run, arms, cfg, config)
 
-    start_epoch = _resume(run, arms, config) if cfg.resume else 0
-    if start_epoch == 0:
-        run.truncate_metrics(0)
-    run.write_config(config)
-    progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=cfg.name, unit="step")
-    for epoch in range(start_epoch, cfg.epochs):
-        order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch)))
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            batch = (x_train[idx], y_train[idx])
-            for arm in arms:  # round-robin: every optimizer sees the same batch and the same noise
-                t0 = time.perf_counter()
-                train_step(arm, batch, cfg)
-                arm.step_times.append(time.perf_counter() - t0)
-            progress.update()
-        for arm in arms:
-            train_loss, train_acc = evaluate(arm.model, x_train, y_train)
-            test_loss, test_acc = evaluate(arm.model, x_test, y_test)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"{arm.name}: training loss is {train_loss} at epoch {epoch + 1}; lower lr or rho")
-            run.log({"optimizer": arm.name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                     "test_loss": test_loss, "test_acc": test_acc, "lr": arm.sched.get_last_lr()[0]})
-        progress.set_postfix({a.name: f"{run.metrics()[-len(arms) + i]['test_acc']:.3f}" for i, a in enumerate(arms)})
-        _save(run, arms, config, epoch + 1)
-    progress.close()
-    return _finish(run, arms, cfg, config)
+
+def _epoch_record(arm: _Arm, epoch: int, data: tuple[Tensor, Tensor, Tensor, Tensor]) -> dict[str, Any]:
+    x_train, y_train, x_test, y_test = data
+    train_loss, train_acc = evaluate(arm.model, x_train, y_train)
+    test_loss, test_acc = evaluate(arm.model, x_test, y_test)
+    return {"optimizer": arm.name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+            "test_loss": test_loss, "test_acc": test_acc, "lr": arm.sched.get_last_lr()[0]}
 
 
 def _checkpoint_path(run: RunDir) -> Path:
-    return run.path / "checkpoint"
+    return run.path / "checkpoint.safetensors"
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in RESUME_NEUTRAL}
 
 
 def _save(run: RunDir, arms: list[_Arm], config: dict[str, Any], epoch: int) -> None:
-    state = {"epoch": epoch, "config": config}
+    state = {"epoch": epoch, "config": _comparable(config)}
     for arm in arms:
         state[arm.name] = {"model": arm.model.state_dict(), "opt": arm.opt.state_dict(),
                            "sched": arm.sched.state_dict(), "step_times": arm.step_times}
-    save_checkpoint(_checkpoint_path(run), state)
+    run.save_checkpoint(state)
 
 
 def _resume(run: RunDir, arms: list[_Arm], config: dict[str, Any]) -> int:
     """Load the last checkpoint of an identical config; returns the epoch to continue from."""
-    state = load_checkpoint(_checkpoint_path(run))
+    def check(state: dict[str, Any]) -> None:
+        if state["config"] != _comparable(config):
+            raise ConfigError(f"{run.path}: holds a run with a different config; choose another name= or set "
+                              "resume=false")
+
+    state = run.load_checkpoint(check=check)
     if state is None:
         return 0
-    if state["config"] != config:
-        raise ConfigError(f"{run.path}: holds a run with a different config; choose another name= or set resume=false")
     for arm in arms:
         saved = state[arm.name]
         arm.model.load_state_dict(saved["model"])
         arm.opt.load_state_dict(saved["opt"])
         arm.sched.load_state_dict(saved["sched"])
         arm.step_times = list(saved["step_times"])
-    run.truncate_metrics(state["epoch"] * len(arms))
     return state["epoch"]
 
 

@@ -9,9 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedsam.algorithms import ALGORITHMS
+from shared.config import ConfigError, read_yaml
 from shared.report import save_figure, write_table
 from shared.runio import RunDir
 
@@ -24,10 +23,10 @@ def load_run(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     path = Path(path)
     config_path = path / "config.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: not a fedsam run folder (no config.yaml)")
-    config = yaml.safe_load(config_path.read_text())
+        raise ConfigError(f"{path}: not a fedsam run folder (no config.yaml)")
+    config = read_yaml(config_path, "run config")
     if "algorithm" not in config or "num_nodes" not in config:
-        raise ValueError(f"{path}: config.yaml is not a fedsam run's (no algorithm / num_nodes)")
+        raise ConfigError(f"{path}: config.yaml is not a fedsam run's (no algorithm / num_nodes)")
     return config, RunDir(path).metrics()
 
 

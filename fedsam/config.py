@@ -18,8 +18,13 @@ from fedsam.algorithms import ALGORITHMS, Algorithm
 from fedsam.mixing import check_q
 from fedsam.topology import build_topology, is_random_topology
 from shared import BASE_OPTIMIZERS, OPTIMIZERS, build_optimizer
-from shared.config import ConfigError
-from shared.validate import check_nonnegative, check_positive, check_range
+from shared.config import ConfigError, check_finite
+from shared.runio import check_run_name
+from shared.validate import check_device, check_nonnegative, check_positive, check_range
+
+#: The most nodes a run may have: the mixing matrix is a dense N x N array (float64: 800 MB at
+#: 10,000 nodes) and its spectral gap an O(N^3) eigendecomposition (about a minute there).
+MAX_NODES = 10_000
 
 
 @dataclass
@@ -60,6 +65,7 @@ class FedConfig:
     local_steps: int | None = None
     # run
     fail_prob: float = 0.0  # in-process failure simulation: each node drops out of a round with this probability
+    max_loss: float = 1e4  # a round's mean local training loss above this (or NaN) stops the run as diverged
     eval_every: int = 1  # rounds between evaluations (the last round is always evaluated)
     checkpoint_every: int = 1
     seed: int = 0
@@ -70,10 +76,14 @@ class FedConfig:
     resume: bool = True
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        if self.name is not None:
+            check_run_name(self.name)
         self._check_names()
         for key in ("rounds", "batch_size", "eval_every", "checkpoint_every", "classes_per_node"):
             _check_int(key, getattr(self, key), 1)
         _check_int("num_nodes", self.num_nodes, 2)
+        self._check_size()
         for key in ("local_epochs", "local_steps", "threads"):
             if getattr(self, key) is not None:
                 _check_int(key, getattr(self, key), 1)
@@ -81,7 +91,7 @@ class FedConfig:
             raise ConfigError("local_epochs, local_steps: set one of them (the other stays null)")
         if self.gossip_steps is not None:
             _wrap(check_q, self.gossip_steps, prefix="gossip_steps")
-        for key in ("rho", "lr", "alpha"):
+        for key in ("rho", "lr", "alpha", "max_loss"):
             _wrap(check_positive, key, getattr(self, key))
         _wrap(check_range, "lr_decay", self.lr_decay, 1e-12, 1.0)
         _wrap(check_nonnegative, "weight_decay", self.weight_decay)
@@ -89,10 +99,7 @@ class FedConfig:
             _wrap(check_range, "momentum", self.momentum, 0.0, 1.0 - 1e-12)
         _wrap(check_range, "local_test_fraction", self.local_test_fraction, 0.0, 1.0 - 1e-12)
         _wrap(check_range, "fail_prob", self.fail_prob, 0.0, 1.0 - 1e-12)
-        try:
-            torch.device("cpu" if self.device == "auto" else self.device)
-        except RuntimeError:
-            raise ConfigError(f"device: unknown device {self.device!r}. Allowed: auto, cpu, cuda, cuda:N, mps") from None
+        _wrap(check_device, "device", self.device)
         self._check_topology()
         self._check_optimizer()
         if self.name is None:
@@ -109,6 +116,18 @@ class FedConfig:
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS and self.optimizer not in BASE_OPTIMIZERS:
             allowed = ", ".join(OPTIMIZERS.names() + BASE_OPTIMIZERS.names())
             raise ConfigError(f"optimizer: unknown optimizer {self.optimizer!r}. Allowed: {allowed} (or null)")
+
+    def _check_size(self) -> None:
+        """num_nodes against MAX_NODES and the data set's size, before anything N x N is built."""
+        from fedsam.data import DATASETS
+
+        if self.num_nodes > MAX_NODES:
+            raise ConfigError(f"num_nodes: at most {MAX_NODES:,} (the gossip matrix is a dense N x N array); "
+                              f"got {self.num_nodes:,}")
+        known = getattr(DATASETS.get(self.dataset), "num_train", None) if self.data_dir is None else None
+        if known is not None and self.num_nodes > known:
+            raise ConfigError(f"num_nodes: {self.dataset} has {known} training samples, so at most {known} nodes; "
+                              f"got {self.num_nodes}")
 
     def _check_topology(self) -> None:
         """Build round 0's graph now: unknown names or options and disconnected graphs fail here."""

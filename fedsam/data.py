@@ -130,6 +130,11 @@ def digits_source(data_dir: str | None = None) -> ImageSource:
     return ImageSource(split(x_train, y_train), split(x_test, y_test), 1.0, (0.0,), (1.0,), None)
 
 
+# `num_train` of a source: its training split's size as shipped or on the hub, so that FedConfig can
+# check num_nodes before anything is loaded or built (a local copy in data_dir is checked once loaded).
+digits_source.num_train = 1347  # type: ignore[attr-defined]
+
+
 def _load_splits(name: str, hub_id: str, data_dir: str | None) -> tuple[DatasetDict, str]:
     """The raw splits and where they came from. A local copy in `data_dir/<name>` or `data_dir` (a
     `save_to_disk` folder, or `train*.parquet`/`test*.parquet` files as on the hub) wins over the
@@ -188,6 +193,9 @@ def cifar10_source(data_dir: str | None = None) -> ImageSource:
 @DATASETS.register("cifar100")
 def cifar100_source(data_dir: str | None = None) -> ImageSource:
     return _cifar_source("cifar100", "uoft-cs/cifar100", "fine_label", 100, CIFAR100_MEAN, CIFAR100_STD, data_dir)
+
+
+cifar10_source.num_train = cifar100_source.num_train = 50_000  # type: ignore[attr-defined]
 
 
 @PARTITIONERS.register("iid")

@@ -7,28 +7,28 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fedsam.client import local_update
 from fedsam.compare import compare_runs
 from fedsam.config import FedConfig
 from fedsam.run import FedRun
-from shared.config import ConfigError, apply_overrides, from_dict
+from shared.config import ConfigError, apply_overrides, from_dict, read_yaml
+from shared.runio import check_run_name
 
 
 def run_inprocess(cfg: FedConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) `cfg` with every node trained in turn in this process; returns the summary.
     Nodes dropped by the `fail_prob` simulation get no task and are left out of the mixing."""
-    run = FedRun(cfg, progress=progress)
-    for r in range(run.start_round, run.rounds):
-        updates = {node: local_update(state, node, r, cfg, run.data) for node, state in run.round_tasks(r)}
-        run.finish_round(r, updates)
-    return run.finish()
+    with FedRun(cfg, progress=progress) as run:
+        for r in range(run.start_round, run.rounds):
+            updates = {node: local_update(state, node, r, cfg, run.data) for node, state in run.round_tasks(r)}
+            run.finish_round(r, updates)
+        return run.finish()
 
 
 def run_fed(cfg: FedConfig, *, progress: bool = True) -> dict[str, Any]:
@@ -58,10 +58,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     together (axis = a label, e.g. data: [{partitioner: dirichlet, alpha: 0.3}, ...]). One run per
     combination, named by its values; every config is validated before any run starts."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path}: not found")
-    data = yaml.safe_load(path.read_text()) or {}
-    spec = data.pop("sweep", None) if isinstance(data, dict) else None
+    data = read_yaml(path, "sweep file")
+    spec = data.pop("sweep", None)
     if not isinstance(spec, Mapping) or not isinstance(spec.get("grid"), Mapping) or not spec["grid"]:
         raise ConfigError(f"sweep: {path} needs a 'sweep:' section with a non-empty 'grid:' mapping of lists")
     unknown = sorted(set(spec) - {"name", "title", "grid"})
@@ -72,6 +70,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep.grid.{axis}: expected a non-empty list of values, got {values!r}")
     name = str(spec.get("name", path.stem))
+    check_run_name(name, "sweep.name")
     base = apply_overrides(data, overrides)
     out = Path(str(base.get("out_dir", "runs"))) / name
     configs = []
@@ -81,7 +80,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
         for axis, value in zip(grid, combo):
             fields.update(value if isinstance(value, Mapping) else {axis: value})
             parts += [str(v) for v in value.values()] if isinstance(value, Mapping) else [_part(axis, value)]
-        fields.update(out_dir=str(out), name="-".join(parts))
+        fields.update(out_dir=str(out), name=re.sub(r"[/\\]", "_", "-".join(parts)).lstrip("."))
         configs.append(from_dict(FedConfig, fields))
     return Sweep(name, str(spec.get("title", name)), out, configs)
 

@@ -199,7 +199,8 @@ def build_apps(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else fed_config_from_run_config(context.run_config)
         timeout = timeout_s if timeout_s is not None else round_timeout(context.run_config)
-        summary = relay(grid, FedRun(run_cfg, progress=progress), timeout_s=timeout, supernodes=supernodes)
+        with FedRun(run_cfg, progress=progress) as run:
+            summary = relay(grid, run, timeout_s=timeout, supernodes=supernodes)
         if on_summary is not None:
             on_summary(summary)
 

@@ -29,8 +29,8 @@ from fedsam.compare import plot_runs, run_row
 from fedsam.config import FedConfig
 from fedsam.mixing import consensus_distance, flatten_states, mix_, mixing_power, unflatten
 from fedsam.topology import build_topology, spectral_gap, topology_for_round
-from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import ConfigError, to_dict
+from shared.errors import Diverged
 from shared.report import write_table
 from shared.runio import RunDir, environment
 from shared.seeding import derive_seed
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from fedsam.data import FederatedData
 
 # Config fields that do not change a run's numbers: a run may resume with other values (more rounds, say).
-RESUME_NEUTRAL = ("resume", "threads", "engine", "rounds", "checkpoint_every")
+RESUME_NEUTRAL = ("resume", "threads", "engine", "rounds", "checkpoint_every", "max_loss")
 EVAL_KEYS = ("test_acc", "test_loss", "personal_acc_mean", "personal_acc_std")
 
 Update = tuple[Mapping[str, Tensor], Mapping[str, float]]
@@ -49,7 +49,8 @@ class FedRun:
     """One decentralized FL run. Engines call `round_tasks(r)`, train the nodes (with
     `fedsam.client.local_update`), then `finish_round(r, updates, failed)`, for r from
     `start_round` to `rounds - 1`, and finally `finish()`. `data` overrides the data of `cfg`
-    (tests, or an engine that already loaded it)."""
+    (tests, or an engine that already loaded it). The run holds its folder's lock from its
+    creation to `finish()` or `close()`; use it as a context manager (`with FedRun(cfg) as run:`)."""
 
     def __init__(self, cfg: FedConfig, *, progress: bool = True, data: FederatedData | None = None) -> None:
         if cfg.threads:
@@ -73,17 +74,21 @@ class FedRun:
         self.spectral_gap = spectral_gap(W0)
         self.spectral_gap_per_round = spectral_gap(mixing_power(W0, self.q))  # of W^Q: 1 - (1 - gap)^Q
 
-        self.run = RunDir(Path(cfg.out_dir) / str(cfg.name))
         self.config = to_dict(cfg)
         self.bytes_sent = 0
         self.time_s = 0.0
-        self.start_round = self._resume() if cfg.resume else 0
-        if self.start_round == 0:  # a fresh start: no stale checkpoint may be resumed from later
-            self.run.truncate_metrics(0)
-            for suffix in (".json", ".safetensors"):
-                self._checkpoint_path().with_suffix(suffix).unlink(missing_ok=True)
-        self.run.write_config(self.config)
+        self.run = RunDir.acquire(cfg.out_dir, str(cfg.name), "fed")
+        try:
+            self.start_round = self._resume() if cfg.resume else 0
+            if self.start_round == 0:  # a fresh start: no stale checkpoint may be resumed from later
+                self.run.truncate_metrics(0)
+                self.run.remove_checkpoint()
+            self.run.write_config(self.config)
+        except BaseException:
+            self.run.release()
+            raise
         self._next_round = self.start_round
+        self._saved_round = self.start_round or None
         self._bar = tqdm(total=self.rounds, initial=self.start_round, desc=cfg.name, unit="round", disable=not progress)
         if progress:
             tqdm.write(
@@ -127,6 +132,15 @@ class FedRun:
         alive = np.zeros(self.num_nodes, dtype=bool)
         alive[list(updates)] = True
         alive[list(failed)] = False
+        live = [updates[i][1] for i in np.flatnonzero(alive)]
+        examples = sum(m["num_examples"] for m in live)
+        train_loss = sum(m["train_loss"] * m["num_examples"] for m in live) / examples if examples else None
+        if train_loss is not None and not (math.isfinite(train_loss) and abs(train_loss) <= self.cfg.max_loss):
+            self.close()
+            raise Diverged(f"round {r + 1}", f"mean local training loss {train_loss:.4g}, limit "
+                           f"max_loss={self.cfg.max_loss:g}", self._checkpoint_path() if self._saved_round else None,
+                           f"round {self._saved_round}", "Lower lr (or rho), or raise max_loss; the same command "
+                           + ("resumes from it." if self._saved_round else "starts over."))
         for i in range(self.num_nodes):
             if alive[i]:
                 self._write_row(i, updates[i][0])
@@ -135,12 +149,6 @@ class FedRun:
         mixing = self.algorithm.mix(self.adjacency(r), alive, self.q)
         mix_(self._Y, mixing.W, mixing.q, out=self.X)
         self.bytes_sent += mixing.messages * self.bytes_per_model
-
-        live = [updates[i][1] for i in np.flatnonzero(alive)]
-        examples = sum(m["num_examples"] for m in live)
-        train_loss = sum(m["train_loss"] * m["num_examples"] for m in live) / examples if examples else None
-        if train_loss is not None and not math.isfinite(train_loss):
-            raise FloatingPointError(f"round {r + 1}: the local training loss is {train_loss}; lower lr or rho")
         record: dict[str, Any] = {
             "round": r + 1,
             "lr": self.cfg.round_lr(r),
@@ -160,6 +168,7 @@ class FedRun:
         self._next_round = r + 1
         if last or (r + 1) % self.cfg.checkpoint_every == 0:
             self._save_checkpoint()
+            self._saved_round = r + 1
         self._clock = time.perf_counter()
         postfix = {"cd": f"{record['consensus_distance']:.3g}"}
         if record["test_acc"] is not None:
@@ -172,8 +181,25 @@ class FedRun:
 
     def finish(self) -> dict[str, Any]:
         """Write results.csv/.md (one row, as `samsuite fed compare` makes them), curves.png and
-        summary.json; returns the summary."""
+        summary.json, and release the run folder; returns the summary."""
         self._bar.close()
+        try:
+            return self._summarize()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run folder (the run can be resumed from its last checkpoint)."""
+        self._bar.close()
+        self.run.release()
+
+    def __enter__(self) -> FedRun:  # noqa: PYI034 - FedRun is not subclassed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _summarize(self) -> dict[str, Any]:
         cfg, records = self.cfg, self.run.metrics()
         row = run_row(str(cfg.name), self.config, records)
         title = f"{cfg.algorithm} on {cfg.dataset}, {self.num_nodes} nodes, {cfg.topology}, seed {cfg.seed}"
@@ -224,27 +250,28 @@ class FedRun:
         }
 
     def _checkpoint_path(self) -> Path:
-        return self.run.path / "checkpoint"
+        return self.run.path / "checkpoint.safetensors"
 
     def _comparable_config(self) -> dict[str, Any]:
         return {k: v for k, v in self.config.items() if k not in RESUME_NEUTRAL}
 
     def _save_checkpoint(self) -> None:
-        save_checkpoint(self._checkpoint_path(), {
+        self.run.save_checkpoint({
             "round": self._next_round, "config": self._comparable_config(), "X": self.X,
             "bytes_sent": self.bytes_sent, "time_s": self.time_s,
         })
 
     def _resume(self) -> int:
         """Load the last checkpoint of the same settings; returns the round to continue from."""
-        state = load_checkpoint(self._checkpoint_path())
+        state = self.run.load_checkpoint(check=self._check_resumable)
         if state is None:
             return 0
+        self.X.copy_(state["X"])
+        self.bytes_sent, self.time_s = int(state["bytes_sent"]), float(state["time_s"])
+        return int(state["round"])
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
         if state["config"] != self._comparable_config():
             raise ConfigError(f"{self.run.path}: holds a run with a different config; choose another name= or set resume=false")
         if state["round"] > self.rounds:
             raise ConfigError(f"rounds: {self.run.path} already ran {state['round']} rounds; set rounds >= that or resume=false")
-        self.X.copy_(state["X"])
-        self.bytes_sent, self.time_s = int(state["bytes_sent"]), float(state["time_s"])
-        self.run.truncate_metrics(state["round"])
-        return int(state["round"])

@@ -1,5 +1,7 @@
-"""Checkpoints as safetensors (tensors) plus JSON (everything else), never pickles of code.
-Nested state (model and optimizer state dicts) is flattened to dotted keys."""
+"""Checkpoints as one safetensors file: the tensors, and everything else as JSON in the file's
+metadata, never pickles of code. Nested state (model and optimizer state dicts) is flattened to
+dotted keys. The file is replaced atomically, so a run killed at any moment finds either the
+previous checkpoint or the new one, whole; a damaged file is an error that names it."""
 
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from shared.runio import atomic_write_text
+from shared.errors import RunStateError
+from shared.runio import atomic_replace
 
 _TENSOR = "__tensor__"
+_STATE = "samsuite.state"  # the metadata key holding the JSON part
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -28,33 +33,44 @@ def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def _join(meta: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _join(meta: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
     if isinstance(meta, dict) and _TENSOR in meta:
+        if meta[_TENSOR] not in tensors:
+            raise RunStateError(f"{path}: names a tensor {meta[_TENSOR]!r} that it does not hold (the file is "
+                                "damaged); set resume=false to start over")
         return tensors[meta[_TENSOR]]
     if isinstance(meta, dict) and "__dict__" in meta:
-        return {k: _join(v, tensors) for k, v in meta["__dict__"]}
+        return {k: _join(v, tensors, path) for k, v in meta["__dict__"]}
     if isinstance(meta, dict) and "__list__" in meta:
-        return [_join(v, tensors) for v in meta["__list__"]]
+        return [_join(v, tensors, path) for v in meta["__list__"]]
     return meta
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write `state` (nested dicts/lists of tensors and JSON values) as `path`.safetensors +
-    `path`.json; the JSON is written last, so a checkpoint without it is incomplete."""
+    """Write `state` (nested dicts/lists of tensors and JSON values) as the safetensors file `path`."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    meta = _split(state, "", tensors)
-    tmp = path.with_name(path.name + ".safetensors.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path.with_name(path.name + ".safetensors"))
-    atomic_write_text(path.with_name(path.name + ".json"), json.dumps(meta))
+    meta = json.dumps(_split(state, "", tensors))
+    atomic_replace(path, lambda tmp: save_file(tensors, str(tmp), metadata={_STATE: meta}))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
-    """The state saved by `save_checkpoint`, or None if there is no complete checkpoint."""
+    """The state saved by `save_checkpoint` at `path`, or None if there is none."""
     path = Path(path)
-    meta_path = path.with_name(path.name + ".json")
-    if not meta_path.exists():
+    if not path.exists():
         return None
-    tensors = load_file(str(path.with_name(path.name + ".safetensors")))
-    return _join(json.loads(meta_path.read_text()), tensors)
+    damaged = f"{path}: is not a readable samsuite checkpoint"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get(_STATE)
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunStateError(f"{damaged} ({err}); the file is truncated or damaged: set resume=false to start "
+                            "over") from None
+    if meta is None:
+        raise RunStateError(f"{damaged} (no samsuite state in its header); set resume=false to start over")
+    try:
+        state = json.loads(meta)
+    except ValueError:
+        raise RunStateError(f"{damaged} (its state is not JSON); set resume=false to start over") from None
+    return _join(state, tensors, path)

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 
 from shared.threads import torch_threads
+
+
+@dataclass
+class CliResult:
+    """What `samsuite ARGS` did in-process: its exit code and everything it printed (stdout + stderr)."""
+
+    exit_code: int
+    output: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliResult]:
+    """`cli("fed", "run", "lr=inf")` runs the real entry point (`experiments.cli.main`: its error
+    handling and exit codes included) in this process."""
+    from experiments.cli import main
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return CliResult(code, out + err)
+
+    return run
 
 
 def pytest_configure(config: pytest.Config) -> None:

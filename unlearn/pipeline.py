@@ -32,10 +32,19 @@ from typing import Any, Literal
 
 import torch
 
-from shared.config import ConfigError, apply_overrides, from_dict, to_dict
-from shared.runio import RunDir, environment, write_json
-from shared.validate import check_choice
-from unlearn.relearn import RelearnConfig, benchmark_eval_fn, curve_metrics, curve_stats, mean_std, relearn
+from shared.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from shared.runio import RunDir, check_run_name, environment, write_json
+from shared.threads import torch_threads
+from shared.validate import check_choice, check_device
+from unlearn.relearn import (
+    RelearnConfig,
+    benchmark_eval_fn,
+    curve_metrics,
+    curve_stats,
+    draw_samples,
+    mean_std,
+    relearn,
+)
 from unlearn.train import UnlearnConfig, unlearn
 
 REFERENCES = ("target", "retrain")
@@ -120,7 +129,9 @@ class RunConfig:
     resume: bool = True
 
     def __post_init__(self) -> None:
+        check_run_name(self.name)
         check_choice("dtype", self.dtype, DTYPES)
+        check_device("device", self.device, here=False)  # on this machine: checked when the run starts
         if not self.seeds:
             raise ConfigError("seeds: expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -174,17 +185,7 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = (
     """The run config from `path` (else the demo defaults) with `key=value` overrides. Overrides
     change single fields of the base, nested ones included (unlearn.lr=0.0001 keeps the other
     `unlearn` settings); a section written in a file replaces the demo's section."""
-    if path is None:
-        data = to_dict(RunConfig())
-    else:
-        import yaml
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path}: not found")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    data = to_dict(RunConfig()) if path is None else read_yaml(path)
     return from_dict(RunConfig, apply_overrides(data, overrides))
 
 
@@ -229,20 +230,57 @@ def _device(device: str) -> str:
     return device
 
 
-def _benchmark(cfg: RunConfig, device: str) -> tuple[Any, dict[str, Any] | None]:
-    """The benchmark, its reference models resolved; for the toy, its models are prepared first."""
+def _prepares(cfg: RunConfig) -> bool:
+    """Whether the run builds the embedded benchmark's models itself (`samsuite unlearn prepare`)."""
+    return cfg.benchmark == "toy" and cfg.model == "target"
+
+
+def _benchmark(cfg: RunConfig) -> Any:
+    """The benchmark, its reference models resolved (for the toy: where `prepare` puts them)."""
     from unlearn.benchmarks import load_benchmark
 
     bench = load_benchmark(cfg.benchmark, cache_dir=cfg.cache_dir, paths=cfg.paths or None, subsets=cfg.subsets,
                            seed=cfg.benchmark_seed)
-    prepared = None
-    if cfg.benchmark == "toy" and cfg.model == "target":
-        from unlearn.prepare import prepare
+    if _prepares(cfg):
+        bench.models = {name: str(Path(cfg.prepare.out_dir) / name) for name in REFERENCES}
+    return bench
 
-        p = cfg.prepare
-        prepared = prepare(p.out_dir, scale=p.scale, seed=cfg.benchmark_seed, overrides=p.overrides, device=device)
-        bench.models = {name: str(Path(p.out_dir) / name) for name in REFERENCES}
-    return bench, prepared
+
+def _retrain_spec(cfg: RunConfig, bench: Any) -> str | None:
+    """The retrained model's spec, or None (the default "retrain" where the benchmark has none)."""
+    if cfg.retrain == "retrain" and "retrain" not in bench.models:
+        return None
+    return _resolve(bench, cfg.retrain)
+
+
+def check_run(cfg: RunConfig, bench: Any) -> None:
+    """Every stage's settings against the benchmark, before any stage runs (and before the run folder is
+    touched): the metrics of the evaluations and of the relearning curve, the attack's sample count, the
+    prepare settings, and the model specs."""
+    from unlearn.eval import PRIVLEAK, available_metrics, default_metrics
+    from unlearn.models import check_model_spec
+
+    retrain = _retrain_spec(cfg, bench)
+    auc = 0.0 if retrain is not None else None  # a placeholder: whether privleak can be had
+    available = available_metrics(bench, retrain_auc=auc)
+    wanted = cfg.eval.metrics or default_metrics(bench, retrain_auc=auc)
+    missing = [m for m in wanted if m not in available]
+    if missing:
+        why = " (privleak needs a retrained model: set retrain=)" if PRIVLEAK in missing and retrain is None else ""
+        raise ConfigError(f"eval.metrics: {bench.name} cannot compute {missing}{why}; it has: {', '.join(available)}")
+    curve_metrics(bench, cfg.relearn.metrics, wanted)
+    try:
+        draw_samples(len(bench.corpora["forget"]), cfg.relearn.n_samples, 0, 0)
+    except ConfigError as err:
+        raise ConfigError(f"relearn.{err}") from None
+    if _prepares(cfg):
+        from unlearn.prepare import check_settings
+
+        check_settings(cfg.prepare.scale, cfg.benchmark_seed, cfg.prepare.overrides, cfg.prepare.out_dir)
+    else:
+        check_model_spec(_resolve(bench, cfg.model), "model")
+        if retrain is not None:
+            check_model_spec(retrain, "retrain")
 
 
 def _resolve(bench: Any, spec: str | None) -> str | None:
@@ -255,7 +293,7 @@ def _references(ctx: _Run) -> dict[str, dict[str, Any]]:
     from unlearn.eval import PRIVLEAK, default_metrics, privleak
 
     cfg = ctx.cfg
-    retrain = None if cfg.retrain == "retrain" and "retrain" not in ctx.bench.models else _resolve(ctx.bench, cfg.retrain)
+    retrain = _retrain_spec(cfg, ctx.bench)
     out: dict[str, dict[str, Any]] = {}
     if retrain is not None:
         wanted = [m for m in (cfg.eval.metrics or default_metrics(ctx.bench)) if m != PRIVLEAK]
@@ -419,24 +457,31 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
-    """Run every stage of `cfg` not done yet; returns the summary (also runs/<name>/summary.json)."""
+    """Run every stage of `cfg` not done yet; returns the summary (also runs/<name>/summary.json).
+    Everything is checked (the config, the benchmark and every stage's settings against it, the run
+    folder) before anything is written."""
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        ctx = _Run(cfg, RunDir(Path(cfg.out_dir) / cfg.name), _device(cfg.device))
-        ctx.run.write_config(to_dict(cfg))
-        ctx.run.truncate_metrics(0)  # rebuilt from the stages' result files as the run walks them
-        ctx.bench, prepared = _benchmark(cfg, ctx.device)
-        forget = list(ctx.bench.corpora["forget"]["text"])
-        retain = list(ctx.bench.corpora["retain"]["text"]) if "retain" in ctx.bench.corpora else []
-        references = _references(ctx)
-        curve = curve_metrics(ctx.bench, cfg.relearn.metrics, ctx.metrics)
-        units = [_unit(ctx, i, seed, forget, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
-        return _write_results(ctx, references, units, curve, start, prepared)
-    finally:
-        torch.set_num_threads(threads)
+    check_device("device", cfg.device)
+    with torch_threads(cfg.threads):
+        bench = _benchmark(cfg)
+        check_run(cfg, bench)
+        with RunDir.claim(cfg.out_dir, cfg.name, "unlearn") as run:
+            ctx = _Run(cfg, run, _device(cfg.device), bench)
+            ctx.run.write_config(to_dict(cfg))
+            ctx.run.truncate_metrics(0)  # rebuilt from the stages' result files as the run walks them
+            prepared = None
+            if _prepares(cfg):
+                from unlearn.prepare import prepare
+
+                p = cfg.prepare
+                prepared = prepare(p.out_dir, scale=p.scale, seed=cfg.benchmark_seed, overrides=p.overrides,
+                                   device=ctx.device)
+            forget = list(bench.corpora["forget"]["text"])
+            retain = list(bench.corpora["retain"]["text"]) if "retain" in bench.corpora else []
+            references = _references(ctx)
+            curve = curve_metrics(bench, cfg.relearn.metrics, ctx.metrics)
+            units = [_unit(ctx, i, seed, forget, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
+            return _write_results(ctx, references, units, curve, start, prepared)
 
 
 # ---------------------------------------------------------------------------------------------- compare

@@ -23,9 +23,10 @@ from typing import Any, Literal
 import torch
 
 from shared.config import ConfigError, apply_overrides, from_dict, to_dict
-from shared.runio import environment, write_json
+from shared.runio import RunDir, check_out_dir, check_run_name, environment
 from shared.seeding import derive_seed
 from shared.threads import torch_threads
+from shared.validate import check_device
 from unlearn.data import collate, tokenize_texts
 from unlearn.objectives import token_logprobs
 from unlearn.train import UnlearnConfig, unlearn
@@ -148,27 +149,41 @@ def prepare(
     benchmark's corpora (tests). `threads`: torch's CPU threads (1 is the
     fastest for the tiny model, whose matrices are too small to share out)."""
     out = Path(out_dir)
-    data = apply_overrides({}, overrides)
-    tiny = from_dict(TinyModelConfig, data.pop("tiny", {}), "tiny")
-    cfg = train_config(scale, seed, data)
+    check_device("device", device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    tiny, cfg = check_settings(scale, seed, overrides, out)
     texts = {k: list(v) for k, v in (texts or benchmark_texts(seed)).items()}
     for split in ("forget", "retain"):
         if not texts.get(split):
             raise ValueError(f"texts: the {split} corpus is empty or missing")
     settings = {"scale": scale, "seed": seed, "train": to_dict(cfg), "tiny": to_dict(tiny) if scale == "tiny" else None,
                 "data": hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]}
-    record_path = out / "prepare.json"
-    if not force and record_path.exists():
-        record = json.loads(record_path.read_text())
-        done = all((out / name / "config.json").exists() for name in ("target", "retrain"))
-        if record.get("settings") == settings and done:
-            return record
+    with RunDir.claim(out.parent, out.name, "prepare") as run, torch_threads(threads):
+        record_path = out / "prepare.json"
+        if not force and record_path.exists():
+            try:
+                record = json.loads(record_path.read_text())
+            except ValueError:
+                record = {}  # damaged: built again
+            done = all((out / name / "config.json").exists() for name in ("target", "retrain"))
+            if record.get("settings") == settings and done:
+                return record
+        record = {"settings": settings, **_build(out, scale, seed, cfg, tiny, texts, device)}
+        run.write_json("prepare.json", record)
+        return record
 
-    with torch_threads(threads):
-        record = _build(out, scale, seed, cfg, tiny, texts, device)
-    record = {"settings": settings, **record}
-    write_json(record_path, record)
-    return record
+
+def check_settings(scale: Scale, seed: int, overrides: Sequence[str], out_dir: str | Path
+                   ) -> tuple[TinyModelConfig, UnlearnConfig]:
+    """The tiny model's and the training's settings of `prepare`, checked (with its folder's name and
+    parent) before anything is built."""
+    out = Path(out_dir)
+    check_run_name(out.name, "prepare out_dir")
+    check_out_dir(out.parent, "prepare out_dir")
+    data = apply_overrides({}, overrides)
+    tiny = from_dict(TinyModelConfig, data.pop("tiny", {}), "tiny")
+    return tiny, train_config(scale, seed, data)
 
 
 def _build(out: Path, scale: Scale, seed: int, cfg: UnlearnConfig, tiny: TinyModelConfig,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from shared.config import ConfigError, from_dict, to_dict
+from shared.config import ConfigError, check_finite, from_dict, to_dict
 from shared.runio import write_json
 from shared.seeding import derive_seed
 from unlearn.train import UnlearnConfig, unlearn
@@ -66,6 +66,7 @@ class RelearnConfig:
     )
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name in ("n_samples", "draws"):
             value = getattr(self, name)
             if name == "n_samples" and value is None:

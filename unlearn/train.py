@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.config import ConfigError, to_dict
+from shared.config import ConfigError, check_finite, to_dict
+from shared.errors import Diverged
 from shared.registry import Registry
 from shared.runio import RunDir, environment
 from shared.sam import BASE_OPTIMIZERS
@@ -88,6 +88,7 @@ class UnlearnConfig:
     resume: bool = True
 
     def __post_init__(self) -> None:
+        check_finite(self)
         for name, registry in (("objective", OBJECTIVES), ("smoother", SMOOTHERS), ("base_optimizer", BASE_OPTIMIZERS)):
             _check_name(registry, name, getattr(self, name))
         for name in ("lr", "rho", "sigma", "beta", "max_loss", "epochs", "rmu_steering"):
@@ -108,6 +109,19 @@ class UnlearnConfig:
             raise ConfigError(f"sam_options: only used by the smoothers {allowed}, not '{self.smoother}'")
         if self.lora and not self.lora_targets:
             raise ConfigError("lora_targets: expected at least one module name with lora=true")
+        self.make_optimizer([torch.zeros(1, requires_grad=True)])  # its options are checked before any work
+
+    def make_optimizer(self, params: list[Tensor]) -> tuple[Smoother, torch.optim.Optimizer]:
+        """The smoother of this run and its optimizer over `params`; bad optimizer options are
+        ConfigErrors naming the field (sam_options.alpha, ...)."""
+        smoother: Smoother = SMOOTHERS.get(self.smoother)(self)
+        try:
+            return smoother, smoother.make_optimizer(params)
+        except (TypeError, ValueError) as err:
+            key, sep, rest = str(err).partition(": ")
+            if sep and key in self.sam_options or "unknown option" in rest:
+                raise ConfigError(f"sam_options.{key}: {rest}") from None
+            raise ConfigError(str(err)) from None
 
 
 def _check_name(registry: Registry, field_name: str, value: str) -> None:
@@ -115,12 +129,14 @@ def _check_name(registry: Registry, field_name: str, value: str) -> None:
         raise ConfigError(registry.unknown_message(value, field_name))
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Diverged):
     """A NaN or exploding loss (or gradient norm): the run stopped before applying the step."""
 
-    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, detail: str, checkpoint: Path | None, saved_at: int | None) -> None:
+        super().__init__(f"step {step}", detail, checkpoint, f"step {saved_at}",
+                         "Lower lr (or rho, sigma), or raise max_loss if the objective's loss is legitimately large; "
+                         + ("the same command resumes from it." if checkpoint else "the same command starts over."))
+        self.step = step
 
 
 def unlearn(
@@ -286,11 +302,7 @@ def _train(
 
     model, params = state.model, state.params
     device = params[0].device
-    smoother: Smoother = SMOOTHERS.get(cfg.smoother)(cfg)
-    try:
-        opt = smoother.make_optimizer(params)
-    except TypeError as err:  # an unknown key in sam_options
-        raise ConfigError(f"sam_options: {err}") from err
+    smoother, opt = cfg.make_optimizer(params)
     schedule = "constant_with_warmup" if cfg.schedule == "constant" and cfg.warmup_steps else cfg.schedule
     sched = get_scheduler(schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
     terms = StepTerms(
@@ -311,7 +323,7 @@ def _train(
     def checkpoint(step: int) -> None:
         nonlocal last_saved
         trainable = {n: p for n, p in zip(state.names, params)}
-        save_checkpoint(run.path / "checkpoint", {
+        run.save_checkpoint({
             "step": step, "config": config, "data": fingerprint, "trainable": trainable,
             "opt": opt.state_dict(), "sched": sched.state_dict(), "smoother": smoother.state_dict(),
         })
@@ -323,12 +335,14 @@ def _train(
         model.train()
         log({"step": step, "kind": "eval", **result})
 
+    def check(saved: dict[str, Any]) -> None:
+        if saved["config"] != config or saved["data"] != fingerprint:
+            raise ConfigError(f"{run.path}: holds a run with another config or other data; use another run "
+                              "folder or set resume=false")
+
     if run is not None:
-        saved = load_checkpoint(run.path / "checkpoint") if cfg.resume else None
+        saved = run.load_checkpoint(check=check) if cfg.resume else None
         if saved is not None:
-            if saved["config"] != config or saved["data"] != fingerprint:
-                raise ConfigError(f"{run.path}: holds a run with another config or other data; use another run "
-                                  "folder or set resume=false")
             with torch.no_grad():
                 for p, name in zip(params, state.names):
                     p.copy_(saved["trainable"][name])
@@ -336,8 +350,10 @@ def _train(
             sched.load_state_dict(saved["sched"])
             smoother.load_state_dict(saved["smoother"])
             start = last_saved = saved["step"]
-        history = [r for r in run.metrics() if r["step"] <= start] if start else []
-        run.truncate_metrics(len(history))
+            history = run.metrics()
+        else:
+            run.truncate_metrics(0)
+            run.remove_checkpoint()
         run.write_config(config)
 
     model.train()
@@ -361,12 +377,9 @@ def _train(
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if not (math.isfinite(losses["loss"]) and abs(losses["loss"]) <= cfg.max_loss and math.isfinite(grad_norm)):
             progress.close()
-            path = run.path / "checkpoint" if (run is not None and last_saved is not None) else None
-            kept = f"the last good checkpoint is {path} (step {last_saved})" if path else "no checkpoint was saved"
-            raise TrainingDiverged(
-                f"step {step}: the loss diverged (loss {losses['loss']:.4g}, |loss| limit max_loss={cfg.max_loss:g}, "
-                f"gradient norm {grad_norm:.4g}); stopped before applying the step; {kept}. Lower lr (or rho, "
-                "sigma), or raise max_loss if the objective's loss is legitimately large.", step, path)
+            path = run.path / "checkpoint.safetensors" if (run is not None and last_saved is not None) else None
+            raise TrainingDiverged(step, f"loss {losses['loss']:.4g}, |loss| limit max_loss={cfg.max_loss:g}, gradient "
+                                         f"norm {grad_norm:.4g}", path, last_saved)
         lr = opt.param_groups[0]["lr"]  # the rate this step uses
         opt.step()
         sched.step()

@@ -26,6 +26,7 @@ Design choices, each because the usual code gets it wrong:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -79,6 +80,25 @@ class _Plan:
         return [t for sub in lists for t in sub]
 
 
+def _check_options(member: type, base: Callable[..., Optimizer], base_kwargs: dict[str, Any]) -> None:
+    """An option that neither the member nor its base optimizer takes is a ValueError naming it
+    and every allowed option (the base optimizer would raise a bare TypeError)."""
+    try:
+        accepted = set(inspect.signature(base).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: let the base optimizer judge
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(base).parameters.values()):
+        return
+    unknown = sorted(set(base_kwargs) - accepted)
+    if unknown:
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        own = {name for cls in member.__mro__ if "__init__" in vars(cls) and cls.__module__.startswith("shared.")
+               for name, p in inspect.signature(cls.__init__).parameters.items() if p.kind in named}
+        allowed = sorted((own | accepted) - {"self", "params", "base_optimizer"})
+        raise ValueError(f"{unknown[0]}: unknown option of {member.__name__} over "
+                         f"{getattr(base, '__name__', base)}. Allowed: {', '.join(allowed)}")
+
+
 class SharpnessAware(Optimizer):
     """Base of every member: perturb w by e (a hook), evaluate the gradient there, restore w,
     let the base optimizer step. Group options: `rho` (> 0), `perturb` (False excludes the group,
@@ -104,7 +124,9 @@ class SharpnessAware(Optimizer):
         self.eps = perturb_eps  # named as in pytorch_optimizer: `eps` is the base optimizer's (Adam...)
         self._member_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb": True}
         super().__init__(params, dict(self._member_defaults))
-        self.base_optimizer = resolve_base_optimizer(base_optimizer)(self.param_groups, **base_kwargs)
+        base_cls = resolve_base_optimizer(base_optimizer)
+        _check_options(type(self), base_cls, base_kwargs)
+        self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._plan: _Plan | None = None  # set while the weights are perturbed

@@ -3,17 +3,18 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from experiments.cli import app
 
 
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(app, ["fed", *args])
-    return result.exit_code, result.output
+@pytest.fixture
+def invoke(cli):
+    def run(*args: str) -> tuple[int, str]:
+        result = cli("fed", *args)
+        return result.exit_code, result.output
+
+    return run
 
 
-def test_fed_run_default_config_on_fewer_rounds(tmp_path: Path) -> None:
+def test_fed_run_default_config_on_fewer_rounds(tmp_path: Path, invoke) -> None:
     code, output = invoke("run", f"out_dir={tmp_path}", "rounds=6", "--no-progress")
     assert code == 0, output
     assert "| digits-dfedsam-ring-dirichlet-n10-s0 | dfedsam | ring | 1 | digits dirichlet(0.3) | 10 | 6 |" in output
@@ -38,13 +39,13 @@ def test_fed_run_default_config_on_fewer_rounds(tmp_path: Path) -> None:
         (["lr=fast"], "lr: expected a number"),
     ],
 )
-def test_fed_run_rejects_bad_input_before_training(tmp_path: Path, args: list[str], message: str) -> None:
+def test_fed_run_rejects_bad_input_before_training(tmp_path: Path, args: list[str], message: str, invoke) -> None:
     code, output = invoke("run", f"out_dir={tmp_path}", *args)
     assert code == 2 and message in output, output
     assert not any(tmp_path.iterdir())  # no run folder: nothing started
 
 
-def test_fed_compare_and_sweep(tmp_path: Path) -> None:
+def test_fed_compare_and_sweep(tmp_path: Path, invoke) -> None:
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(
         "sweep:\n  name: tiny\n  title: Tiny sweep\n  grid:\n    algorithm: [dfedsam, dpsgd]\n"

@@ -2,10 +2,8 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 import experiments.train as train_module
-from experiments.cli import app
 from experiments.train import TrainConfig, run_train
 from shared.config import ConfigError
 
@@ -55,19 +53,18 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path: Path, monkeypatch: pyt
         run_train(small(tmp_path, "killed", lr=0.2))
 
 
-def test_bad_config_is_rejected_before_training(tmp_path: Path) -> None:
+def test_bad_config_is_rejected_before_training(tmp_path: Path, cli) -> None:
     with pytest.raises(ConfigError, match=r"optimizers\[1\]: unknown optimizer 'samm'"):
         small(tmp_path, "x", optimizers=["sgd", "samm"])
     with pytest.raises(ConfigError, match="options.gsm"):
         small(tmp_path, "x", options={"gsm": {}})
-    result = CliRunner().invoke(app, ["train", "epochs=0", f"out_dir={tmp_path}"])
+    result = cli("train", "epochs=0", f"out_dir={tmp_path}")
     assert result.exit_code == 2 and "epochs: expected an integer >= 1" in result.output
-    result = CliRunner().invoke(app, ["train", "lr=fast"])
+    result = cli("train", "lr=fast")
     assert result.exit_code == 2 and "lr: expected a number" in result.output
 
 
-def test_cli_train_runs(tmp_path: Path) -> None:
-    args = ["train", f"out_dir={tmp_path}", "name=cli", "epochs=1", "width=4", "optimizers=[sgd, gsam]"]
-    result = CliRunner().invoke(app, args)
+def test_cli_train_runs(tmp_path: Path, cli) -> None:
+    result = cli("train", f"out_dir={tmp_path}", "name=cli", "epochs=1", "width=4", "optimizers=[sgd, gsam]")
     assert result.exit_code == 0, result.output
     assert "| gsam |" in result.output

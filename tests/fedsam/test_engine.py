@@ -54,7 +54,7 @@ def local_sgd_float64(cfg: FedConfig) -> np.ndarray:
 def test_one_round_equals_the_mixing_of_local_sgd(tmp_path: Path, algorithm: str, extra: dict, mixing: object) -> None:
     cfg = small(tmp_path, algorithm, algorithm=algorithm, rounds=1, local_steps=1, batch_size=4096, **extra)
     run_inprocess(cfg, progress=False)
-    X = load_checkpoint(tmp_path / algorithm / "checkpoint")["X"].double().numpy()  # type: ignore[index]
+    X = load_checkpoint(tmp_path / algorithm / "checkpoint.safetensors")["X"].double().numpy()  # type: ignore[index]
     W = metropolis_hastings(build_topology("ring", 5))
     want = mixing(W, np.full((5, 5), 1 / 5)) @ local_sgd_float64(cfg)  # type: ignore[operator]
     np.testing.assert_allclose(X, want, rtol=0, atol=2e-6)

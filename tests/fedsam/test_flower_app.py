@@ -267,7 +267,8 @@ def test_a_round_without_any_update_stops_the_run(tmp_path: Path, monkeypatch: p
     ({"cpus_per_client": 0}, "cpus_per_client"),
 ])
 def test_run_flower_rejects_bad_settings_before_starting(kwargs: dict[str, Any], field: str) -> None:
-    cfg = FedConfig(num_nodes=NODES, device=kwargs.pop("device", "auto"))
+    cfg = FedConfig(num_nodes=NODES)
+    cfg.device = kwargs.pop("device", "auto")  # set after the checks: "cuda" is refused there on a CPU machine
     with pytest.raises(ConfigError, match=field):
         flower_app.run_flower(cfg, **kwargs)
 

@@ -184,18 +184,20 @@ def test_checkpoint_resume_and_fresh_start(tmp_path: Path, data: FederatedData) 
     run = make_run(tmp_path, data, rounds=4)
     for r in range(2):
         run.finish_round(r, fake_updates(run, r))
-    resumed = make_run(tmp_path, data, rounds=4)
-    assert resumed.start_round == 2 and resumed.bytes_sent == run.bytes_sent
-    assert torch.equal(resumed.X, run.X) and len(resumed.run.metrics()) == 2
-    longer = make_run(tmp_path, data, rounds=10)  # more rounds continue the same run
-    assert longer.start_round == 2
+    run.close()
+    with make_run(tmp_path, data, rounds=4) as resumed:
+        assert resumed.start_round == 2 and resumed.bytes_sent == run.bytes_sent
+        assert torch.equal(resumed.X, run.X) and len(resumed.run.metrics()) == 2
+    with make_run(tmp_path, data, rounds=10) as longer:  # more rounds continue the same run
+        assert longer.start_round == 2
     with pytest.raises(ConfigError, match="different config"):
         make_run(tmp_path, data, rounds=4, lr=0.2)
     with pytest.raises(ConfigError, match="rounds: .* already ran 2 rounds"):
         make_run(tmp_path, data, rounds=1)
-    fresh = make_run(tmp_path, data, rounds=4, lr=0.2, resume=False)
-    assert fresh.start_round == 0 and fresh.run.metrics() == []
-    assert make_run(tmp_path, data, rounds=4, lr=0.2).start_round == 0  # the stale checkpoint is gone
+    with make_run(tmp_path, data, rounds=4, lr=0.2, resume=False) as fresh:
+        assert fresh.start_round == 0 and fresh.run.metrics() == []
+    with make_run(tmp_path, data, rounds=4, lr=0.2) as again:
+        assert again.start_round == 0  # the stale checkpoint is gone
 
 
 @pytest.mark.parametrize(
@@ -235,7 +237,14 @@ def test_disconnected_topology_is_rejected(tmp_path: Path) -> None:
 
 
 def test_more_nodes_than_samples_is_rejected_before_training(tmp_path: Path) -> None:
-    cfg = FedConfig(num_nodes=5000, topology="full", out_dir=str(tmp_path), name="big")
-    with pytest.raises(ConfigError, match=r"num_nodes: digits has \d+ training samples, so at most \d+ nodes; got 5000"):
-        FedRun(cfg, progress=False)
+    with pytest.raises(ConfigError, match=r"num_nodes: digits has 1347 training samples, so at most 1347 nodes; got 5000"):
+        FedConfig(num_nodes=5000, topology="full", out_dir=str(tmp_path), name="big")  # before any N x N graph
+    with pytest.raises(ConfigError, match=r"num_nodes: at most 10,000"):
+        FedConfig(num_nodes=100_000, dataset="cifar10", data_dir=str(tmp_path))
     assert not (tmp_path / "big").exists()  # nothing was written: no training started
+
+
+def test_registered_training_sizes_are_the_real_ones() -> None:
+    from fedsam.data import DATASETS, digits_source
+
+    assert DATASETS.get("digits").num_train == len(digits_source().train)

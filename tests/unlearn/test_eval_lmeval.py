@@ -11,15 +11,11 @@ import pytest
 import torch
 from datasets import Dataset, concatenate_datasets
 from transformers import LlamaConfig, LlamaForCausalLM
-from typer.testing import CliRunner
 
-from experiments.cli import app
 from unlearn.benchmarks import load_benchmark
 from unlearn.eval.lmeval import lm_eval_mc
 from unlearn.eval.mc import score_mc
 from unlearn.models import load_model, smollm2_tokenizer
-
-runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +65,12 @@ def test_lm_eval_backend_checks_its_input(tiny) -> None:
         lm_eval_mc(model, tokenizer, {"forget": bad})
 
 
-def run_eval(*args: str):
-    return runner.invoke(app, ["unlearn", "eval", *args], catch_exceptions=False)
+@pytest.fixture
+def run_eval(cli):
+    return lambda *args: cli("unlearn", "eval", *args)
 
 
-def test_cli_writes_the_record(tiny, tmp_path) -> None:
+def test_cli_writes_the_record(tiny, tmp_path, run_eval) -> None:
     _, _, folder = tiny
     out = tmp_path / "eval.json"
     result = run_eval("--model", str(folder), "--benchmark", "toy", "--max-samples", "3", "--batch-size", "8",
@@ -95,13 +92,13 @@ def test_cli_writes_the_record(tiny, tmp_path) -> None:
     assert metrics["forget_acc"] == score_mc(model, tokenizer, toy.mc["forget"], max_samples=3).acc
 
 
-def test_cli_lm_eval_backend_and_default_output(tiny, tmp_path) -> None:
+def test_cli_lm_eval_backend_and_default_output(tiny, tmp_path, run_eval) -> None:
     _, _, folder = tiny
     args = ["--model", str(folder), "--benchmark", "toy", "--max-samples", "4", "--metric", "forget_acc"]
     result = run_eval(*args, "--backend", "lm-eval", "--out-dir", str(tmp_path), "--name", "tiny")
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "eval-tiny" / "eval.json").read_text())
-    printed = json.loads(result.stdout[result.stdout.index("{"): result.stdout.rindex("}") + 1])
+    printed = json.loads(result.output[result.output.index("{"): result.output.rindex("}") + 1])
     assert printed == written and written["config"]["backend"] == "lm-eval"
     ours = run_eval(*args, "--output", str(tmp_path / "ours.json"))
     assert ours.exit_code == 0, ours.output
@@ -115,7 +112,7 @@ def test_cli_lm_eval_backend_and_default_output(tiny, tmp_path) -> None:
     (["--benchmark", "toy", "--paths", "nonsense"], "paths: expected key=path, got 'nonsense'"),
     (["--benchmark", "toy", "--max-samples", "0"], "max_samples: expected a value > 0"),
 ])
-def test_cli_bad_input(tiny, args: list[str], message: str) -> None:
+def test_cli_bad_input(tiny, args: list[str], message: str, run_eval) -> None:
     result = run_eval("--model", str(tiny[2]), *args)
     assert result.exit_code == 2
-    assert message in " ".join(result.stderr.split())
+    assert message in " ".join(result.output.split())

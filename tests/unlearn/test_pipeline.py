@@ -145,11 +145,11 @@ def test_an_interrupted_unlearning_resumes_from_its_checkpoint(bench_dir, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg)
     unit = tmp_path / "small" / "npo" / "seed0"
-    assert (unit / "train" / "checkpoint.json").is_file() and not (unit / "unlearned.json").exists()
+    assert (unit / "train" / "checkpoint.safetensors").is_file() and not (unit / "unlearned.json").exists()
     monkeypatch.setattr(pipeline, "unlearn", train_unlearn)
     run_pipeline(cfg)
     assert json.loads((unit / "train" / "summary.json").read_text())["resumed_from"] == cfg.unlearn.steps
-    assert (unit / "unlearned.json").is_file() and not (unit / "train" / "checkpoint.json").exists()
+    assert (unit / "unlearned.json").is_file() and not (unit / "train" / "checkpoint.safetensors").exists()
 
 
 def test_keep_models_false_removes_them(bench_dir, tmp_path):

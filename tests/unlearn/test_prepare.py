@@ -9,9 +9,7 @@ import json
 import pytest
 from train_fixtures import FORGET, RETAIN
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
-from experiments.cli import app
 from shared.config import ConfigError
 from unlearn.prepare import mean_nll, prepare, train_config, train_tokenizer
 
@@ -85,13 +83,13 @@ def test_bad_settings(tmp_path, kw, error, message):
     assert not (tmp_path / "prepare.json").exists()
 
 
-def test_cli_prepare_on_the_embedded_benchmark(tmp_path):
+def test_cli_prepare_on_the_embedded_benchmark(tmp_path, cli):
     out = tmp_path / "models"
-    result = CliRunner().invoke(app, ["unlearn", "prepare", "--out", str(out), *SMALL, "epochs=1", "batch_size=32"])
+    result = cli("unlearn", "prepare", "--out", str(out), *SMALL, "epochs=1", "batch_size=32")
     assert result.exit_code == 0, result.output
     record = json.loads((out / "prepare.json").read_text())
     assert record["models"]["target"]["texts"] == 480 and record["models"]["retrain"]["texts"] == 360
-    bad = CliRunner().invoke(app, ["unlearn", "prepare", "--out", str(out), "--scale", "huge"])
+    bad = cli("unlearn", "prepare", "--out", str(out), "--scale", "huge")
     assert bad.exit_code == 2 and "scale: unknown value 'huge'" in bad.output
 
 

@@ -37,8 +37,9 @@ class BenchmarkError(ValueError):
     """Bad or unreachable benchmark data; the message names the table (and the `paths` key that overrides it)."""
 
 
-class UnknownSplitError(KeyError):
-    """An unknown table name in a benchmark section; a KeyError so `in` and `.get` keep working."""
+class UnknownSplitError(KeyError, ValueError):
+    """An unknown table name in a benchmark section; a KeyError so `in` and `.get` keep working, and a
+    ValueError like every other bad input (the command line's exit code 2)."""
 
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
