@@ -32,7 +32,7 @@ from shared.seeding import derive_seed, seed_everything
 from shared.validate import check_nonnegative, check_positive, check_range
 
 # Settings that do not change a run's numbers: a run may resume with other values.
-RESUME_NEUTRAL = ("resume", "threads")
+RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "max_loss")
 
 
 def _default_options() -> dict[str, dict[str, Any]]:

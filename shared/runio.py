@@ -60,6 +60,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_replace(Path(path), lambda tmp: tmp.write_text(text))
 
 
+def read_result(path: Path) -> Any | None:
+    """A stage's result file, or None when it is missing or damaged (it is then computed again: result
+    files are written atomically, so damage comes from outside, and recomputing loses nothing)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -234,7 +243,7 @@ class RunDir:
             except (OSError, ValueError, AttributeError):
                 found = None
             if found != kind:
-                raise RunStateError(f"{self.path}: holds a {found or 'unknown'} run ({marker}), not a {kind} run; "
+                raise RunStateError(f"{self.path}: holds a '{found or 'unknown'}' run ({marker}), not a '{kind}' run; "
                                     "choose another name=")
             return
         others = [p.name for p in self.path.iterdir() if p.name != LOCK_FILE]
@@ -294,7 +303,7 @@ class RunDir:
 
     def truncate_metrics(self, keep: int) -> None:
         """Keep the first `keep` records (used when resuming from an earlier checkpoint)."""
-        records = self.metrics()[:keep]
+        records = self.metrics()[:keep] if keep else []  # a fresh start reads nothing (the file may be damaged)
         atomic_write_text(self.metrics_path, "".join(json.dumps(r, default=str) + "\n" for r in records))
         self._count = len(records)
 

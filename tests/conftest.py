@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,20 @@ def one_torch_thread() -> object:
     machine (a local update measured 33x slower with 2 threads there)."""
     with torch_threads(1):
         yield
+
+
+# ------------------------------------------------------------------ a tiny unlearning benchmark
+@pytest.fixture(scope="session")
+def unlearn_bench(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10-person toy benchmark saved to disk, with tiny target/retrain models trained for it (seconds)."""
+    from suite_fixtures import TINY_MODEL
+
+    from unlearn.benchmarks import build_toy, save_benchmark
+    from unlearn.prepare import prepare
+
+    root = tmp_path_factory.mktemp("bench")
+    bench = build_toy(0, n_entities=10, bios_per_entity=1, qa_drills=1, mc_drills=0, n_icl=1)
+    texts = {split: list(bench.corpora[split]["text"]) for split in ("forget", "retain")}
+    prepare(root / "models", overrides=TINY_MODEL, texts=texts)
+    bench.models = {"target": str(root / "models" / "target"), "retrain": str(root / "models" / "retrain")}
+    return save_benchmark(bench, root / "toy-small")

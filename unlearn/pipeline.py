@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from shared.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
-from shared.runio import RunDir, check_run_name, environment, write_json
+from shared.runio import RunDir, check_run_name, environment, read_result, write_json
 from shared.threads import torch_threads
 from shared.validate import check_choice, check_device
 from unlearn.relearn import (
@@ -203,10 +203,8 @@ class _Run:
 
     def stage(self, path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
         """The stored result at `path` if it was computed with `key` (and resuming)."""
-        if not self.cfg.resume or not path.is_file():
-            return None
-        record = json.loads(path.read_text())
-        return record if record.get("key") == json.loads(json.dumps(key)) else None
+        record = read_result(path) if self.cfg.resume else None
+        return record if isinstance(record, dict) and record.get("key") == json.loads(json.dumps(key)) else None
 
     def load(self, spec: str) -> tuple[Any, Any]:
         from unlearn.models import load_model
@@ -491,15 +489,15 @@ def compare_runs(paths: Sequence[str | Path], out: str | Path, title: str | None
     from shared.report import write_table
 
     if not paths:
-        raise ValueError("runs: expected at least one run folder")
+        raise ConfigError("runs: expected at least one run folder")
     rows: list[dict[str, str]] = []
     for path in paths:
         summary_path = Path(path) / "summary.json"
         if not summary_path.is_file():
-            raise FileNotFoundError(f"{path}: no summary.json (not an unlearning run folder, or not finished)")
-        summary = json.loads(summary_path.read_text())
-        if "table" not in summary or "methods" not in summary:
-            raise ValueError(f"{path}: summary.json is not an unlearning run's (no table / methods)")
+            raise ConfigError(f"{path}: no summary.json (not an unlearning run folder, or not finished)")
+        summary = read_result(summary_path)
+        if not isinstance(summary, dict) or "table" not in summary or "methods" not in summary:
+            raise ConfigError(f"{path}: summary.json is not an unlearning run's (no table / methods)")
         rows += [{"run": Path(path).name, **row} for row in summary["table"]]
     columns = list(dict.fromkeys(c for row in rows for c in row))
     rows = [{c: row.get(c, "") for c in columns} for row in rows]

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from shared.config import ConfigError, apply_overrides, from_dict, to_dict
-from shared.runio import RunDir, check_out_dir, check_run_name, environment
+from shared.runio import RunDir, check_out_dir, check_run_name, environment, read_result
 from shared.seeding import derive_seed
 from shared.threads import torch_threads
 from shared.validate import check_device
@@ -161,14 +161,10 @@ def prepare(
                 "data": hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]}
     with RunDir.claim(out.parent, out.name, "prepare") as run, torch_threads(threads):
         record_path = out / "prepare.json"
-        if not force and record_path.exists():
-            try:
-                record = json.loads(record_path.read_text())
-            except ValueError:
-                record = {}  # damaged: built again
-            done = all((out / name / "config.json").exists() for name in ("target", "retrain"))
-            if record.get("settings") == settings and done:
-                return record
+        record = read_result(record_path) if not force else None
+        done = all((out / name / "config.json").exists() for name in ("target", "retrain"))
+        if isinstance(record, dict) and record.get("settings") == settings and done:
+            return record
         record = {"settings": settings, **_build(out, scale, seed, cfg, tiny, texts, device)}
         run.write_json("prepare.json", record)
         return record

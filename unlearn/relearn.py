@@ -29,7 +29,7 @@ import numpy as np
 from torch import nn
 
 from shared.config import ConfigError, check_finite, from_dict, to_dict
-from shared.runio import write_json
+from shared.runio import read_result, write_json
 from shared.seeding import derive_seed
 from unlearn.train import UnlearnConfig, unlearn
 
@@ -184,10 +184,9 @@ def _attack(
     train_cfg = replace(cfg.train_config(draw), resume=resume)
     key = {"config": to_dict(train_cfg), "samples": samples, "data": _texts_hash(texts), "eval": eval_fn is not None}
     done = run_dir / "draw.json" if run_dir is not None else None
-    if resume and done is not None and done.exists():
-        record = json.loads(done.read_text())
-        if {k: record.get(k) for k in key} == key:
-            return record
+    record = read_result(done) if resume and done is not None else None
+    if isinstance(record, dict) and {k: record.get(k) for k in key} == key:
+        return record
     model.load_state_dict(initial)
     summary = unlearn(model, tokenizer, texts, None, train_cfg, run_dir=run_dir, eval_fn=eval_fn)
     record = {

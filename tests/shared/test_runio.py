@@ -151,7 +151,7 @@ def test_claim_marks_the_kind_refuses_other_kinds_and_leaves_no_trace_when_unuse
         run.write_config({"x": 1})
     assert json.loads((tmp_path / "a" / RUN_FILE).read_text())["kind"] == "fed"
     assert not (tmp_path / "a" / LOCK_FILE).exists()
-    with pytest.raises(RunStateError, match=r"holds a fed run .*not a unlearn run"):
+    with pytest.raises(RunStateError, match=r"holds a 'fed' run .*not a 'unlearn' run"):
         RunDir.acquire(tmp_path, "a", "unlearn")
     foreign = tmp_path / "foreign"
     foreign.mkdir()

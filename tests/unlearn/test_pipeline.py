@@ -10,47 +10,27 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from suite_fixtures import unlearn_settings
 from typer.testing import CliRunner
 
 from experiments.cli import app
 from shared.config import ConfigError, from_dict, to_dict
 from shared.runio import RunDir
 from unlearn import pipeline
-from unlearn.benchmarks import build_toy, load_benchmark, save_benchmark
+from unlearn.benchmarks import load_benchmark
 from unlearn.eval import evaluate
 from unlearn.models import load_model
 from unlearn.pipeline import RunConfig, compare_runs, load_run_config, run_pipeline
-from unlearn.prepare import prepare
 from unlearn.relearn import relearn
 from unlearn.train import unlearn as train_unlearn
 
-TINY = ["tiny.vocab_size=320", "tiny.hidden_size=16", "tiny.intermediate_size=32", "tiny.num_hidden_layers=2",
-        "tiny.num_attention_heads=2", "tiny.max_length=96", "epochs=2", "batch_size=8", "warmup_steps=0",
-        "max_length=96"]
-
 
 @pytest.fixture(scope="module")
-def bench_dir(tmp_path_factory) -> Path:
-    """A 10-person toy benchmark saved to disk, with tiny target/retrain models trained for it."""
-    root = tmp_path_factory.mktemp("bench")
-    bench = build_toy(0, n_entities=10, bios_per_entity=1, qa_drills=1, mc_drills=0, n_icl=1)
-    texts = {split: list(bench.corpora[split]["text"]) for split in ("forget", "retain")}
-    prepare(root / "models", overrides=TINY, texts=texts)
-    bench.models = {"target": str(root / "models" / "target"), "retrain": str(root / "models" / "retrain")}
-    return save_benchmark(bench, root / "toy-small")
+def bench_dir(unlearn_bench) -> Path:
+    return unlearn_bench
 
 
-def settings(bench_dir: Path, out: Path, **extra) -> dict:
-    return {
-        "name": "small", "out_dir": str(out), "benchmark": str(bench_dir), "device": "cpu",
-        "unlearn": {"objective": "npo", "lr": 1e-3, "steps": 2, "batch_size": 2, "max_length": 96, "rho": 0.1,
-                    "save_every": 1},
-        "methods": [{"objective": "npo"}, {"objective": "npo", "smoother": "sam"}],
-        "relearn": {"n_samples": 3, "draws": 2, "lr": 1e-3, "steps": 2, "batch_size": 2, "max_length": 96,
-                    "eval_every": 1},
-        "eval": {"max_samples": 4, "batch_size": 8},
-        **extra,
-    }
+settings = unlearn_settings
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +154,7 @@ def test_cli_run_resumes_and_compare_tabulates(finished, tmp_path):
     rows = compare_runs([run], tmp_path / "cmp2")
     assert [r["model"] for r in rows] == ["target", "retrain", "npo", "npo+sam"] and rows[0]["run"] == "small"
     assert (tmp_path / "cmp" / "compare.md").read_text() == (tmp_path / "cmp2" / "compare.md").read_text()
-    with pytest.raises(FileNotFoundError, match="no summary.json"):
+    with pytest.raises(ConfigError, match="no summary.json"):
         compare_runs([tmp_path], tmp_path / "cmp3")
 
     result = CliRunner().invoke(app, ["unlearn", "relearn", "--model", str(run / "npo" / "seed0" / "model"),

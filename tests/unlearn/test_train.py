@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
+from suite_fixtures import kill_everywhere, strip
 from train_fixtures import FORGET, RETAIN, params_of, tiny_llama, tiny_tokenizer
 
 from shared.config import ConfigError, from_dict
+from shared.runio import RunDir
 from unlearn.train import TrainingDiverged, UnlearnConfig, unlearn
 
 
@@ -223,3 +225,20 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tok):
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     _, summary = run(tok, config(bf16=True, **cfg), dtype=torch.float32)
     assert all(torch.isfinite(torch.tensor(v)) for v in summary["final"].values())
+
+
+def test_the_loop_survives_a_kill_at_every_write(tok, tmp_path, monkeypatch):
+    """Killed before, inside or after any write of its run folder, a resumed run is the uninterrupted one."""
+    models = {}
+
+    def run(name):
+        model = tiny_llama(tok)  # the same seeded initial weights each time
+        cfg = UnlearnConfig(objective="npo", smoother="sam", lr=1e-3, steps=4, batch_size=2, max_length=64,
+                            rho=0.1, save_every=2)
+        unlearn(model, tok, FORGET, RETAIN, cfg, run_dir=tmp_path / name)
+        models[name] = model
+
+    def result(name):
+        return strip(RunDir(tmp_path / name).metrics()), {k: v.tolist() for k, v in models[name].state_dict().items()}
+
+    assert kill_everywhere(monkeypatch, run, result) >= 2 * 8
