@@ -43,6 +43,7 @@ from fedsam.client import federated_data, local_update
 from fedsam.config import FedConfig
 from fedsam.run import FedRun
 from shared.config import ConfigError, from_dict
+from shared.errors import RunError
 
 ROUND_TIMEOUT_KEY = "round-timeout"
 DEFAULT_ROUND_TIMEOUT_S = 3600.0  # as Flower's strategies: generous, a hung node only delays a round
@@ -120,7 +121,7 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout_s: float = NODE_WAIT_S, s
     ids = sorted(grid.get_node_ids())
     while not ids:
         if time.monotonic() - start > timeout_s:
-            raise RuntimeError(f"no Flower supernode connected within {timeout_s:.0f} s")
+            raise RunError(f"no Flower supernode connected within {timeout_s:.0f} s")
         time.sleep(POLL_S)
         ids = sorted(grid.get_node_ids())
     changed = time.monotonic()
@@ -158,7 +159,7 @@ def relay_round(grid: Grid, run: FedRun, r: int, supernodes: list[int], timeout_
         log.warning("round %d: no reply within %.0f s from nodes %s", r + 1, timeout_s, missing)
     if messages and not updates:  # a broken ClientApp, not bad luck: stop instead of "training" without updates
         first = f"; node {min(errors)}: {errors[min(errors)]}" if errors else ""
-        raise RuntimeError(f"round {r + 1}: none of the {len(messages)} nodes returned an update{first}")
+        raise RunError(f"round {r + 1}: none of the {len(messages)} nodes returned an update{first}")
     return run.finish_round(r, updates, failed=sorted([*errors, *missing]))
 
 
@@ -185,10 +186,12 @@ def build_apps(
     timeout_s: float | None = None,
     supernodes: int | None = None,
     on_summary: Callable[[dict[str, Any]], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
 ) -> tuple[ServerApp, ClientApp]:
     """A ServerApp (gossip relay) and a ClientApp (local update) for `cfg`, or, with cfg None (as
     `flwr run .` loads them), for the config and `round-timeout` of the Flower run config.
-    `on_summary` receives the run's summary when the ServerApp finishes."""
+    `on_summary` receives the run's summary when the ServerApp finishes, `on_error` the error that
+    stopped it (a diverged run, a refused run folder), which Flower itself only logs."""
     server_app, client_app = ServerApp(), ClientApp()
 
     @client_app.train()
@@ -199,8 +202,13 @@ def build_apps(
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg if cfg is not None else fed_config_from_run_config(context.run_config)
         timeout = timeout_s if timeout_s is not None else round_timeout(context.run_config)
-        with FedRun(run_cfg, progress=progress) as run:
-            summary = relay(grid, run, timeout_s=timeout, supernodes=supernodes)
+        try:
+            with FedRun(run_cfg, progress=progress) as run:
+                summary = relay(grid, run, timeout_s=timeout, supernodes=supernodes)
+        except Exception as err:
+            if on_error is not None:
+                on_error(err)
+            raise
         if on_summary is not None:
             on_summary(summary)
 
@@ -237,12 +245,15 @@ def run_flower(
     from flwr.simulation import run_simulation  # imports Ray: only when a simulation really runs
 
     summaries: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
     server, client = build_apps(cfg, progress=progress, timeout_s=timeout_s, supernodes=num_supernodes,
-                                on_summary=summaries.append)
+                                on_summary=summaries.append, on_error=errors.append)
     backend_config = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}}
     run_simulation(server_app=server, client_app=client, num_supernodes=num_supernodes,
                    backend_config=backend_config)  # type: ignore[arg-type]
+    if errors:
+        raise errors[0]
     if not summaries:
-        raise RuntimeError("the Flower simulation ended before the ServerApp finished its run")
+        raise RunError("the Flower simulation ended before the ServerApp finished its run (see Flower's log above)")
     return summaries[0]
 

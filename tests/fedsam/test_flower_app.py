@@ -39,6 +39,7 @@ from fedsam.engine import run_inprocess
 from fedsam.flower_app import build_apps, fed_config_from_run_config, round_timeout
 from fedsam.run import FedRun
 from shared.config import ConfigError
+from shared.errors import Diverged
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"compute_s", "round_s", "time_s"}  # wall-clock fields: differ between any two runs
@@ -273,7 +274,24 @@ def test_run_flower_rejects_bad_settings_before_starting(kwargs: dict[str, Any],
         flower_app.run_flower(cfg, **kwargs)
 
 
+def test_the_relay_passes_its_error_on(tmp_path: Path) -> None:
+    """A diverged run stops the ServerApp with the run's own error (Flower would only log it)."""
+    errors: list[BaseException] = []
+    cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path), "lr": 50.0, "max-loss": 1.0})
+    server, client = build_apps(cfg, timeout_s=30.0, on_error=errors.append)
+    with pytest.raises(Diverged, match="round 1: the loss diverged"):
+        server(grid=LocalGrid(client, NODES), context=Context(1, 0, {}, RecordDict(), {}))
+    assert len(errors) == 1 and isinstance(errors[0], Diverged)
+
+
 # ------------------------------------------------------------------------------------------------ slow: Ray, flwr run
+@pytest.mark.slow
+def test_flower_simulation_stops_a_diverged_run_with_its_error(tmp_path: Path) -> None:
+    cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path), "lr": 50.0, "max-loss": 1.0})
+    with pytest.raises(Diverged, match="round 1: the loss diverged"):
+        flower_app.run_flower(cfg, progress=False)
+
+
 @pytest.mark.slow
 def test_flower_simulation_gives_the_inprocess_metrics(tmp_path: Path) -> None:
     """`run_flower` (Flower's Ray simulation engine, ClientApps in other processes) and
