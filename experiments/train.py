@@ -1,10 +1,19 @@
-"""`samsuite train`: a small CNN on the embedded digits data with SGD and every SAM-family member.
+"""`samsuite train`: SGD and every SAM-family member compared on a testbed (`testbeds`): the embedded
+digits, MNIST-1D, or a domain suite under the leave-one-domain-out protocol, with optional label noise,
+over several seeds.
 
-All optimizers train in lockstep from the same initial weights on the same batches, and their
-steps are timed round-robin, so the time-per-step ratios to SGD come from one run in which
-machine noise hits every optimizer alike. Results: `runs/<name>/` with `metrics.jsonl` (one
-record per optimizer and epoch), `results.csv`/`results.md`, `curves.png`, `summary.json`
-and a safetensors checkpoint per epoch from which a killed run resumes.
+All optimizers train in lockstep from the same initial weights on the same batches, and their steps
+are timed round-robin, so the time-per-step ratios come from one run in which machine noise hits
+every optimizer alike. A run is a sequence of units, one per (held-out domain, seed) (one per seed
+for the standard protocol); each unit draws its label noise, validation split, initial weights and
+batch order from its seed, the same for every optimizer. Models are selected on validation data
+(a seeded `val_fraction` of the training data; in leave-one-domain-out, DomainBed's training-domain
+validation), never on the test data.
+
+Results: `runs/<name>/` with `metrics.jsonl` (one record per unit, optimizer and epoch), `results.csv/.md`
+(mean ± std over seeds and the paired difference to the base optimizer with its 95% interval; see
+`experiments.train_results`), `lodo.csv/.md` for leave-one-domain-out, `curves.png`, `summary.json`,
+and a safetensors checkpoint per epoch from which a killed run resumes exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +22,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,16 +31,15 @@ from tqdm.auto import tqdm
 
 from shared import BASE_OPTIMIZERS, OPTIMIZERS, SharpnessAware, build_optimizer, chunk, sam_backward
 from shared.config import ConfigError, check_finite, to_dict
-from shared.digits import digits_split
 from shared.errors import Diverged
-from shared.models import DigitsCNN
-from shared.report import learning_curves, write_table
-from shared.runio import RunDir, check_run_name, environment
-from shared.seeding import derive_seed, seed_everything
+from shared.runio import RunDir, check_run_name
+from shared.seeding import derive_seed
 from shared.validate import check_nonnegative, check_positive, check_range
 
 # Settings that do not change a run's numbers: a run may resume with other values.
 RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "max_loss")
+PROTOCOLS = ("standard", "leave-one-domain-out")
+EVAL_CHUNK = 2048  # examples per forward pass when evaluating
 
 
 def _default_options() -> dict[str, dict[str, Any]]:
@@ -49,13 +56,28 @@ def _default_options() -> dict[str, dict[str, Any]]:
 
 @dataclass
 class TrainConfig:
-    """`samsuite train` settings; override any with key=value (e.g. epochs=5 options.sam.rho=0.1)."""
+    """`samsuite train` settings; override any with key=value (e.g. epochs=5 options.sam.rho=0.1
+    dataset=mnist1d model=cnn1d label_noise=0.2 'seeds=[0,1,2,3,4]')."""
 
     name: str = "train-digits"
     out_dir: str = "runs"
+    # the testbed
+    dataset: str = "digits"  # testbeds.DATASETS (standard protocol) or testbeds.SUITES (leave-one-domain-out)
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_samples: 10000} for mnist1d
+    data_dir: str | None = None
+    protocol: Literal["standard", "leave-one-domain-out"] = "standard"
+    domains: list[str | int] | None = None  # leave-one-domain-out: held-out domains to run (None: all; 15 = "15")
+    label_noise: float = 0.0  # fraction of training labels flipped (seeded per seed)
+    label_noise_kind: Literal["symmetric", "asymmetric"] = "symmetric"
+    val_fraction: float = 0.2  # of the training data (of each training domain), held out for model selection
+    model: str = "digits-cnn"  # testbeds.MODELS
+    model_options: dict[str, Any] = field(default_factory=dict)  # e.g. {width: 8} for digits-cnn
+    # what is compared
     optimizers: list[str] = field(default_factory=lambda: ["sgd", "sam", "asam", "gsam", "obf"])
     base: str = "sgd"
     options: dict[str, dict[str, Any]] = field(default_factory=_default_options)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # training
     epochs: int = 30
     batch_size: int = 64
     lr: float = 0.05
@@ -64,10 +86,6 @@ class TrainConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     m: int | None = None  # m-sharpness: micro-batch size of each perturbation (None: whole batch)
     grad_accum: int = 1  # micro-batches per step (e from their accumulated gradient)
-    width: int = 32
-    test_size: float = 0.25
-    split_seed: int = 0
-    seed: int = 0
     threads: int | None = None
     max_loss: float = 1e4  # a training loss above this (or NaN) stops the run as diverged
     resume: bool = True
@@ -75,6 +93,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check_run_name(self.name)
+        if self.domains is not None:  # domain names are strings ("15" for rotated-digits' 15 degrees)
+            self.domains = [str(d) for d in self.domains]
+        self._check_testbed()
         if not self.optimizers:
             raise ConfigError("optimizers: expected at least one optimizer")
         allowed = OPTIMIZERS.names() + BASE_OPTIMIZERS.names()
@@ -88,7 +109,11 @@ class TrainConfig:
         for key in self.options:
             if key not in OPTIMIZERS:
                 raise ConfigError(OPTIMIZERS.unknown_message(key, f"options.{key}"))
-        for key in ("epochs", "batch_size", "grad_accum", "width"):
+        if not self.seeds:
+            raise ConfigError("seeds: expected at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: listed twice in {self.seeds}")
+        for key in ("epochs", "batch_size", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.m is not None and not 1 <= self.m <= self.batch_size:
@@ -102,7 +127,8 @@ class TrainConfig:
             check_positive("max_loss", self.max_loss)
             check_range("momentum", self.momentum, 0.0, 1.0 - 1e-12)
             check_nonnegative("weight_decay", self.weight_decay)
-            check_range("test_size", self.test_size, 1e-6, 1 - 1e-6)
+            check_range("label_noise", self.label_noise, 0.0, 1.0 - 1e-12)
+            check_range("val_fraction", self.val_fraction, 1e-6, 0.5)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         for name in self.optimizers:  # every optimizer's options are checked before any work
@@ -113,6 +139,23 @@ class TrainConfig:
                 key, sep, rest = str(err).partition(": ")
                 raise ConfigError(f"{where}.{key}: {rest}" if sep and key.isidentifier() else f"{where}: {err}") from None
 
+    def _check_testbed(self) -> None:
+        """Names only (no data is loaded here): the data set or suite for the protocol, the model."""
+        from testbeds import DATASETS, MODELS, SUITES
+
+        registry, what = (DATASETS, "data set") if self.protocol == "standard" else (SUITES, "domain suite")
+        if self.dataset not in registry:
+            other = SUITES if registry is DATASETS else DATASETS
+            hint = f" ({self.dataset!r} is a {'domain suite' if registry is DATASETS else 'data set'}: set " \
+                   f"protocol={'leave-one-domain-out' if registry is DATASETS else 'standard'})" \
+                if self.dataset in other else ""
+            raise ConfigError(f"dataset: unknown {what} {self.dataset!r} for protocol={self.protocol}{hint}. "
+                              f"Allowed: {', '.join(registry.names())}")
+        if self.model not in MODELS:
+            raise ConfigError(MODELS.unknown_message(self.model, "model"))
+        if self.domains is not None and self.protocol == "standard":
+            raise ConfigError("domains: only used with protocol=leave-one-domain-out")
+
     def optimizer(self, name: str, params: Any) -> torch.optim.Optimizer:
         """Optimizer `name` of this comparison over `params`, with its options."""
         kwargs = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
@@ -121,6 +164,68 @@ class TrainConfig:
         return build_optimizer(name, params, **kwargs)
 
 
+# ---------------------------------------------------------------------------------------------- data
+Split = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class UnitData:
+    """One unit's tensors: train (labels possibly noisy), validation (from the training data) and test."""
+
+    fold: str | None  # the held-out domain (leave-one-domain-out), else None
+    seed: int
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    flipped: float  # the fraction of training labels the label noise flipped
+
+
+class Testbed:
+    """The data of a run, loaded once; `unit(fold, seed)` gives a unit's splits."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from testbeds import load_source, load_suite, source_tensors
+
+        self.cfg = cfg
+        if cfg.protocol == "standard":
+            source = load_source(cfg.dataset, cfg.data_dir, cfg.dataset_options)
+            self.num_classes = source.train.features["label"].num_classes
+            self.train, self.test = source_tensors(source, "train"), source_tensors(source, "test")
+            self.folds: list[str | None] = [None]
+            self.suite = None
+        else:
+            self.suite = load_suite(cfg.dataset, **cfg.dataset_options)
+            self.num_classes = self.suite.num_classes
+            names = list(self.suite.domains)
+            unknown = [d for d in cfg.domains or [] if d not in names]
+            if unknown:
+                raise ConfigError(f"domains: {self.suite.name} has no domain {unknown[0]!r}. Allowed: {', '.join(names)}")
+            self.folds = list(cfg.domains or names)
+
+    def unit(self, fold: str | None, seed: int) -> UnitData:
+        from testbeds import leave_one_domain_out, noisy_labels
+
+        cfg = self.cfg
+        if self.suite is None:
+            (x, y), test = self.train, self.test
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(seed, "val")))
+            n_val = max(1, round(cfg.val_fraction * len(y)))
+            val, train = (x[order[:n_val]], y[order[:n_val]]), (x[order[n_val:]], y[order[n_val:]])
+        else:
+            split = leave_one_domain_out(self.suite, holdout_fraction=cfg.val_fraction, seed=seed, domains=[fold])[0]
+            train, val, test = split.train, split.val, split.test
+        flipped = 0.0
+        if cfg.label_noise > 0:  # training labels only: validation and test keep theirs
+            labels, mask = noisy_labels(train[1], cfg.label_noise, cfg.label_noise_kind, self.num_classes, seed)
+            train, flipped = (train[0], labels), float(mask.float().mean())
+        return UnitData(fold, seed, train, val, test, self.num_classes, flipped)
+
+    def units(self) -> list[tuple[str | None, int]]:
+        return [(fold, seed) for fold in self.folds for seed in self.cfg.seeds]
+
+
+# ---------------------------------------------------------------------------------------------- arms
 @dataclass
 class _Arm:
     """One optimizer being compared: its model, optimizer, scheduler and timings."""
@@ -132,8 +237,9 @@ class _Arm:
     step_times: list[float] = field(default_factory=list)
 
 
-def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], steps_total: int) -> _Arm:
-    model = DigitsCNN(width=cfg.width)
+def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], model_fn: Callable[[], nn.Module],
+              steps_total: int) -> _Arm:
+    model = model_fn()
     model.load_state_dict(init)
     opt = cfg.optimizer(name, model.parameters())
     if cfg.schedule == "cosine":
@@ -143,17 +249,17 @@ def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], steps_total:
     return _Arm(name, model, opt, sched)
 
 
-def _micro_batches(batch: tuple[Tensor, Tensor], cfg: TrainConfig) -> list[tuple[Tensor, Tensor]]:
+def _micro_batches(batch: Split, cfg: TrainConfig) -> list[Split]:
     if cfg.m is not None:
         return chunk(batch, cfg.m)
     return chunk(batch, math.ceil(len(batch[1]) / cfg.grad_accum))
 
 
-def train_step(arm: _Arm, batch: tuple[Tensor, Tensor], cfg: TrainConfig) -> None:
+def train_step(arm: _Arm, batch: Split, cfg: TrainConfig) -> None:
     """One optimizer step of `arm` on `batch` (SAM members through the one driver)."""
     model, opt = arm.model, arm.opt
     parts = _micro_batches(batch, cfg)
-    descent: Callable[[tuple[Tensor, Tensor]], Tensor] = lambda b: F.cross_entropy(model(b[0]), b[1])
+    descent: Callable[[Split], Tensor] = lambda b: F.cross_entropy(model(b[0]), b[1])
     if isinstance(opt, SharpnessAware):
         ascent = None
         if opt.ascent_loss is not None:
@@ -169,121 +275,136 @@ def train_step(arm: _Arm, batch: tuple[Tensor, Tensor], cfg: TrainConfig) -> Non
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode."""
+    """(mean cross-entropy, accuracy) in eval mode, in chunks."""
     model.eval()
-    logits = model(x)
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), EVAL_CHUNK):
+        logits = model(x[start : start + EVAL_CHUNK])
+        target = y[start : start + EVAL_CHUNK]
+        loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(1) == target).sum())
     model.train()
-    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+    return loss / len(y), correct / len(y)
 
 
+# ---------------------------------------------------------------------------------------------- the run
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train every optimizer of `cfg`; returns the summary (also written to summary.json)."""
+    """Train every optimizer of `cfg` on every unit; returns the summary (also summary.json)."""
+    from experiments.train_results import finish
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    x_train, y_train, x_test, y_test = digits_split(cfg.test_size, cfg.split_seed)
-    steps_per_epoch = math.ceil(len(y_train) / cfg.batch_size)
+    bed = Testbed(cfg)
+    units = bed.units()
+    _unit_arms(cfg, bed.unit(*units[0]), units[0][1])  # model and options against the data, before any write
     with RunDir.claim(cfg.out_dir, cfg.name, "train") as run:
         config = to_dict(cfg)
-        seed_everything(cfg.seed)
-        init = DigitsCNN(width=cfg.width).state_dict()
-        arms = [_make_arm(name, cfg, init, cfg.epochs * steps_per_epoch) for name in cfg.optimizers]
-        start_epoch = _resume(run, arms, config) if cfg.resume else 0
-        if start_epoch == 0:  # a fresh start: no stale checkpoint may be resumed from later
+        state = _resume(run, config) if cfg.resume else None
+        if state is None:  # a fresh start: no stale checkpoint may be resumed from later
             run.truncate_metrics(0)
             run.remove_checkpoint()
         run.write_config(config)
-        saved = start_epoch or None
-        progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=cfg.name,
-                        unit="step")
-        for epoch in range(start_epoch, cfg.epochs):
-            order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch)))
-            for start in range(0, len(order), cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
-                batch = (x_train[idx], y_train[idx])
-                for arm in arms:  # round-robin: every optimizer sees the same batch and the same noise
-                    t0 = time.perf_counter()
-                    train_step(arm, batch, cfg)
-                    arm.step_times.append(time.perf_counter() - t0)
-                progress.update()
-            records = [_epoch_record(arm, epoch, (x_train, y_train, x_test, y_test)) for arm in arms]
-            for record in records:
-                if not (math.isfinite(record["train_loss"]) and record["train_loss"] <= cfg.max_loss):
-                    progress.close()
-                    raise Diverged(f"epoch {epoch + 1}, optimizer {record['optimizer']}",
-                                   f"training loss {record['train_loss']:.4g}, limit max_loss={cfg.max_loss:g}",
-                                   _checkpoint_path(run) if saved else None, f"epoch {saved}",
-                                   f"Lower lr (or that optimizer's rho in options), or raise max_loss; the same "
-                                   f"command{' resumes from it' if saved else ' starts over'}.")
-                run.log(record)
-            progress.set_postfix({r["optimizer"]: f"{r['test_acc']:.3f}" for r in records})
-            _save(run, arms, config, epoch + 1)
-            saved = epoch + 1
+        done = (state["unit"], state["epoch"]) if state else (0, 0)
+        timings: dict[str, list[float]] = {name: [] for name in cfg.optimizers}
+        if state:
+            timings = {name: list(t) for name, t in state["step_times"].items()}
+        progress = tqdm(total=len(units) * cfg.epochs, initial=done[0] * cfg.epochs + done[1], desc=cfg.name,
+                        unit="epoch")
+        flipped = dict(state["flipped"]) if state else {}
+        for u, (fold, seed) in enumerate(units):
+            if u < done[0] or (u == done[0] and done[1] == cfg.epochs):
+                continue
+            data = bed.unit(fold, seed)
+            flipped[f"{fold or '-'}/{seed}"] = data.flipped
+            arms = _unit_arms(cfg, data, seed)
+            start = done[1] if u == done[0] else 0
+            if start:
+                _load_arms(arms, state["arms"])
+            _train_unit(cfg, run, u, data, arms, start, timings, flipped, progress)
         progress.close()
-        return _finish(run, arms, cfg, config)
+        return finish(run, cfg, config, bed, timings, flipped)
 
 
-def _epoch_record(arm: _Arm, epoch: int, data: tuple[Tensor, Tensor, Tensor, Tensor]) -> dict[str, Any]:
-    x_train, y_train, x_test, y_test = data
-    train_loss, train_acc = evaluate(arm.model, x_train, y_train)
-    test_loss, test_acc = evaluate(arm.model, x_test, y_test)
-    return {"optimizer": arm.name, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-            "test_loss": test_loss, "test_acc": test_acc, "lr": arm.sched.get_last_lr()[0]}
+def _unit_arms(cfg: TrainConfig, data: UnitData, seed: int) -> list[_Arm]:
+    from testbeds import build_model
+
+    shape = tuple(data.train[0].shape[1:])
+
+    def model_fn() -> nn.Module:
+        try:
+            return build_model(cfg.model, data.num_classes, shape, **cfg.model_options)
+        except ValueError as err:
+            raise ConfigError(f"model {cfg.model!r}: {err}" if not str(err).startswith("model") else str(err)) from None
+
+    torch.manual_seed(derive_seed(seed, "init") % 2**63)
+    init = model_fn().state_dict()
+    steps_total = cfg.epochs * math.ceil(len(data.train[1]) / cfg.batch_size)
+    return [_make_arm(name, cfg, init, model_fn, steps_total) for name in cfg.optimizers]
 
 
-def _checkpoint_path(run: RunDir) -> Path:
-    return run.path / "checkpoint.safetensors"
+def _train_unit(cfg: TrainConfig, run: RunDir, u: int, data: UnitData, arms: list[_Arm], start: int,
+                timings: dict[str, list[float]], flipped: dict[str, float], progress: tqdm) -> None:
+    x_train, y_train = data.train
+    for epoch in range(start, cfg.epochs):
+        gen = torch.Generator().manual_seed(derive_seed(data.seed, data.fold or "-", epoch))
+        order = torch.randperm(len(y_train), generator=gen)
+        for begin in range(0, len(order), cfg.batch_size):
+            idx = order[begin : begin + cfg.batch_size]
+            batch = (x_train[idx], y_train[idx])
+            for arm in arms:  # round-robin: every optimizer sees the same batch and the same noise
+                t0 = time.perf_counter()
+                train_step(arm, batch, cfg)
+                timings[arm.name].append(time.perf_counter() - t0)
+        records = [_epoch_record(arm, epoch, data) for arm in arms]
+        for record in records:
+            if not (math.isfinite(record["train_loss"]) and record["train_loss"] <= cfg.max_loss):
+                progress.close()
+                saved = f"unit {u + 1}, epoch {epoch}" if epoch else (f"unit {u}, epoch {cfg.epochs}" if u else None)
+                where = f"epoch {epoch + 1}, optimizer {record['optimizer']}"
+                if data.fold is not None or len(cfg.seeds) > 1:
+                    where = f"unit {u + 1} (held out {data.fold or '-'}, seed {data.seed}), {where}"
+                raise Diverged(where, f"training loss {record['train_loss']:.4g}, limit max_loss={cfg.max_loss:g}",
+                               run.path / "checkpoint.safetensors" if saved else None, saved,
+                               "Lower lr (or that optimizer's rho in options), or raise max_loss; the same "
+                               f"command{' resumes from it' if saved else ' starts over'}.")
+            run.log(record)
+        progress.set_postfix({r["optimizer"]: f"{r['val_acc']:.3f}" for r in records})
+        progress.update()
+        run.save_checkpoint({"unit": u, "epoch": epoch + 1, "config": _comparable(to_dict(cfg)),
+                             "arms": {arm.name: _arm_state(arm) for arm in arms}, "step_times": timings,
+                             "flipped": flipped})
+
+
+def _epoch_record(arm: _Arm, epoch: int, data: UnitData) -> dict[str, Any]:
+    record: dict[str, Any] = {"fold": data.fold, "seed": data.seed, "optimizer": arm.name, "epoch": epoch + 1}
+    for split in ("train", "val", "test"):
+        loss, acc = evaluate(arm.model, *getattr(data, split))
+        record.update({f"{split}_loss": loss, f"{split}_acc": acc})
+    record["lr"] = arm.sched.get_last_lr()[0]
+    return record
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in RESUME_NEUTRAL}
 
 
-def _save(run: RunDir, arms: list[_Arm], config: dict[str, Any], epoch: int) -> None:
-    state = {"epoch": epoch, "config": _comparable(config)}
+def _arm_state(arm: _Arm) -> dict[str, Any]:
+    return {"model": arm.model.state_dict(), "opt": arm.opt.state_dict(), "sched": arm.sched.state_dict()}
+
+
+def _load_arms(arms: list[_Arm], saved: dict[str, Any]) -> None:
     for arm in arms:
-        state[arm.name] = {"model": arm.model.state_dict(), "opt": arm.opt.state_dict(),
-                           "sched": arm.sched.state_dict(), "step_times": arm.step_times}
-    run.save_checkpoint(state)
+        arm.model.load_state_dict(saved[arm.name]["model"])
+        arm.opt.load_state_dict(saved[arm.name]["opt"])
+        arm.sched.load_state_dict(saved[arm.name]["sched"])
 
 
-def _resume(run: RunDir, arms: list[_Arm], config: dict[str, Any]) -> int:
-    """Load the last checkpoint of an identical config; returns the epoch to continue from."""
+def _resume(run: RunDir, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The last checkpoint of an identical config (None: start from the beginning)."""
+
     def check(state: dict[str, Any]) -> None:
         if state["config"] != _comparable(config):
             raise ConfigError(f"{run.path}: holds a run with a different config; choose another name= or set "
                               "resume=false")
 
-    state = run.load_checkpoint(check=check)
-    if state is None:
-        return 0
-    for arm in arms:
-        saved = state[arm.name]
-        arm.model.load_state_dict(saved["model"])
-        arm.opt.load_state_dict(saved["opt"])
-        arm.sched.load_state_dict(saved["sched"])
-        arm.step_times = list(saved["step_times"])
-    return state["epoch"]
-
-
-def _finish(run: RunDir, arms: list[_Arm], cfg: TrainConfig, config: dict[str, Any]) -> dict[str, Any]:
-    records = run.metrics()
-    baseline = next((a for a in arms if a.name == cfg.base), None)
-    base_time = sum(baseline.step_times) / len(baseline.step_times) if baseline else None
-    rows = []
-    for arm in arms:
-        mine = [r for r in records if r["optimizer"] == arm.name]
-        last = mine[-1]
-        mean_time = sum(arm.step_times) / len(arm.step_times)
-        rows.append({
-            "optimizer": arm.name,
-            "test_acc": round(last["test_acc"], 4),
-            "best_test_acc": round(max(r["test_acc"] for r in mine), 4),
-            "train_loss": round(last["train_loss"], 5),
-            "test_loss": round(last["test_loss"], 4),
-            f"step_time_vs_{cfg.base}": round(mean_time / base_time, 3) if base_time else None,
-        })
-    write_table(run.path / "results", rows, title=f"Digits CNN, {cfg.epochs} epochs, seed {cfg.seed}")
-    learning_curves(run.path / "curves.png", records, title="Digits CNN: SGD vs SAM family")
-    summary = {"results": rows, "config": config, "seed": cfg.seed, "environment": environment()}
-    run.write_json("summary.json", summary)
-    return summary
+    return run.load_checkpoint(check=check)

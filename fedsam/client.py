@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,17 +33,19 @@ def federated_data(cfg: FedConfig) -> FederatedData:
     """The partitioned data of `cfg`, loaded once per process and settings (a Flower ClientApp
     worker calls this for every message). Partitions that cannot work are ConfigErrors."""
     return _load(cfg.dataset, cfg.num_nodes, cfg.partitioner, cfg.alpha, cfg.classes_per_node,
-                 cfg.local_test_fraction, cfg.seed, cfg.data_dir)
+                 cfg.local_test_fraction, cfg.seed, cfg.data_dir, tuple(sorted(cfg.dataset_options.items())))
 
 
 @functools.lru_cache(maxsize=4)
 def _load(dataset: str, num_nodes: int, partitioner: str, alpha: float, classes_per_node: int,
-          local_test_fraction: float, seed: int, data_dir: str | None) -> FederatedData:
+          local_test_fraction: float, seed: int, data_dir: str | None,
+          dataset_options: tuple[tuple[str, Any], ...]) -> FederatedData:
     from fedsam.data import load_federated
 
     try:
         data = load_federated(dataset, num_nodes, partitioner=partitioner, alpha=alpha, classes_per_node=classes_per_node,
-                              local_test_fraction=local_test_fraction, seed=seed, data_dir=data_dir)
+                              local_test_fraction=local_test_fraction, seed=seed, data_dir=data_dir,
+                              dataset_options=dict(dataset_options))
     except ValueError as err:  # its messages name the field (num_nodes, partitioner, data_dir, ...)
         raise ConfigError(str(err)) from None
     empty = [i for i, node in enumerate(data.nodes) if len(node.train_y) == 0]

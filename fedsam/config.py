@@ -38,7 +38,8 @@ class FedConfig:
     algorithm: str = "dfedsam"  # see fedsam.algorithms.ALGORITHMS
     rounds: int = 30
     # data and model
-    dataset: str = "digits"
+    dataset: str = "digits"  # testbeds.DATASETS: digits, mnist1d, cifar10, cifar100
+    dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_samples: 10000} for mnist1d
     data_dir: str | None = None
     num_nodes: int = 10
     partitioner: str = "dirichlet"
@@ -124,7 +125,9 @@ class FedConfig:
         if self.num_nodes > MAX_NODES:
             raise ConfigError(f"num_nodes: at most {MAX_NODES:,} (the gossip matrix is a dense N x N array); "
                               f"got {self.num_nodes:,}")
-        known = getattr(DATASETS.get(self.dataset), "num_train", None) if self.data_dir is None else None
+        known = getattr(DATASETS.get(self.dataset), "num_train", None)
+        if self.data_dir is not None or self.dataset_options:  # another copy or other options: checked once loaded
+            known = None
         if known is not None and self.num_nodes > known:
             raise ConfigError(f"num_nodes: {self.dataset} has {known} training samples, so at most {known} nodes; "
                               f"got {self.num_nodes}")

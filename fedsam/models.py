@@ -6,40 +6,37 @@ averaging, so every normalisation is GroupNorm. Both follow the reference code l
 `fedml_api/model/cv/{resnet,vgg}.py`, rong-dai/DisPFL, on which DFedSAM's released code builds):
 CIFAR-style ResNet-18 (3x3 stem, no max-pool, BasicBlocks [2, 2, 2, 2]) and VGG-11 (configuration
 "A", one linear head), each with `nn.GroupNorm(32, C)`. The digits model is `shared.models.DigitsCNN`
-with GroupNorm. `build_model(name, num_classes, input_shape)` builds any member of `MODELS`.
+with GroupNorm. The registry is the suite's one `testbeds.models.MODELS`, which names these builders as
+lazy targets ("fedsam.models:resnet18" ...); `MODELS` and `build_model` are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
 
 from shared.models import DigitsCNN
-from shared.registry import Registry
+from testbeds.models import IMAGE_DIMS, MODELS, ModelBuilder, build_model, expect_shape
 
-ModelBuilder = Callable[[int, tuple[int, int, int]], nn.Module]
-MODELS: Registry[ModelBuilder] = Registry("model")
+__all__ = [
+    "MODELS",
+    "NORM_GROUPS",
+    "VGG11",
+    "BasicBlock",
+    "ModelBuilder",
+    "ResNet18",
+    "build_model",
+    "digits_cnn",
+    "resnet18",
+    "vgg11",
+]
 
 NORM_GROUPS = 32  # GroupNorm groups in ResNet-18 and VGG-11, as in the reference code
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # configuration "A"
 
 
-def build_model(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """The model `name` for images of shape (C, H, W) and `num_classes` classes."""
-    builder = MODELS.get(name, "model")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
-    shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-        raise ValueError(f"input_shape: expected (channels, height, width) of positive integers, got {input_shape!r}")
-    return builder(num_classes, (shape[0], shape[1], shape[2]))
-
-
-@MODELS.register("cnn")
-def digits_cnn(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+def digits_cnn(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """`DigitsCNN` with GroupNorm, its input layer and head sized for `input_shape`."""
-    channels, height, width = input_shape
+    channels, height, width = expect_shape("cnn", input_shape, IMAGE_DIMS)
     if height < 2 or width < 2:
         raise ValueError(f"input_shape: cnn needs height and width >= 2, got {input_shape}")
     return DigitsCNN(num_classes, in_channels=channels, norm="group", image_size=(height, width))
@@ -116,13 +113,14 @@ class VGG11(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-@MODELS.register("resnet18")
-def resnet18(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
-    return ResNet18(num_classes, in_channels=input_shape[0])
+def resnet18(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """CIFAR-style ResNet-18 with GroupNorm for images (C, H, W) of any size."""
+    return ResNet18(num_classes, in_channels=expect_shape("resnet18", input_shape, IMAGE_DIMS)[0])
 
 
-@MODELS.register("vgg11")
-def vgg11(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
-    if input_shape[1] < 32 or input_shape[2] < 32:
+def vgg11(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """VGG-11 with GroupNorm for images (C, H, W) of at least 32x32."""
+    channels, height, width = expect_shape("vgg11", input_shape, IMAGE_DIMS)
+    if height < 32 or width < 32:
         raise ValueError(f"input_shape: vgg11 pools five times and needs height and width >= 32, got {input_shape}")
-    return VGG11(num_classes, input_shape)
+    return VGG11(num_classes, (channels, height, width))

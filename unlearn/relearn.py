@@ -31,6 +31,7 @@ from torch import nn
 from shared.config import ConfigError, check_finite, from_dict, to_dict
 from shared.runio import read_result, write_json
 from shared.seeding import derive_seed
+from shared.stats import mean_std  # also re-exported: unlearn.pipeline imports it from here
 from unlearn.train import UnlearnConfig, unlearn
 
 if TYPE_CHECKING:
@@ -100,14 +101,6 @@ def draw_samples(pool_size: int, n: int | None, seed: int, draw: int) -> list[in
         raise ConfigError(f"n_samples: {n} is more than the {pool_size} texts of the forget set")
     rng = np.random.default_rng(derive_seed(seed, "relearn-samples", draw))
     return [int(i) for i in rng.choice(pool_size, size=n, replace=False)]
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """(mean, sample standard deviation); the deviation is None for a single value."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.size == 0:
-        raise ValueError("values: expected at least one value")
-    return float(array.mean()), (float(array.std(ddof=1)) if array.size > 1 else None)
 
 
 def curve_stats(curves: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -75,7 +75,24 @@ CASES: dict[str, Case] = {
     "train batch_size=0": case(*TRAIN, "batch_size=0", message="batch_size: expected an integer >= 1"),
     "train m > batch": case(*TRAIN, "m=1000", message=r"m: expected 1 <= m <= batch_size \(64\), got 1000"),
     "train m and grad_accum": case(*TRAIN, "m=4", "grad_accum=2", message="m, grad_accum: set one of them"),
-    "train test_size=1.5": case(*TRAIN, "test_size=1.5", message=r"test_size: expected a value in \["),
+    "train val_fraction=0.9": case(*TRAIN, "val_fraction=0.9", message=r"val_fraction: expected a value in \["),
+    "train label_noise=1": case(*TRAIN, "label_noise=1", message=r"label_noise: expected a value in \[0.0, "),
+    "train label_noise=nan": case(*TRAIN, "label_noise=nan", message=f"label_noise: {NON_FINITE}"),
+    "train label_noise_kind": case(*TRAIN, "label_noise_kind=pairwise", message="label_noise_kind: unknown value"),
+    "train dataset": case(*TRAIN, "dataset=mnist", message="dataset: unknown data set 'mnist' for protocol=standard"),
+    "train suite as dataset": case(*TRAIN, "dataset=rotated-digits",
+                                   message="'rotated-digits' is a domain suite: set protocol=leave-one-domain-out"),
+    "train protocol": case(*TRAIN, "protocol=lodo", message="protocol: unknown value 'lodo'"),
+    "train domain": case(*TRAIN, "protocol=leave-one-domain-out", "dataset=rotated-digits", "domains=[90]",
+                         message="domains: rotated-digits has no domain '90'"),
+    "train domains standard": case(*TRAIN, "domains=[a]", message="domains: only used with protocol="),
+    "train model": case(*TRAIN, "model=resnet", message="model: unknown model 'resnet'"),
+    "train model option": case(*TRAIN, "model_options.depth=3", message="model_options.depth: unknown option of "
+                                                                        "model 'digits-cnn'. Allowed: width"),
+    "train model shape": case(*TRAIN, "model=cnn1d", message=r"input_shape: expected \(channels, length\) for "
+                                                             r"model 'cnn1d'"),
+    "train dataset option": case(*TRAIN, "dataset=mnist1d", "dataset_options.bogus=1", message="bogus"),
+    "train seeds twice": case(*TRAIN, "seeds=[1, 1]", message="seeds: listed twice"),
     "train schedule": case(*TRAIN, "schedule=linear", message="schedule: unknown value 'linear'. Allowed: cosine"),
     "train threads=0": case(*TRAIN, "threads=0", message="threads: expected an integer >= 1"),
     "train unknown key": case(*TRAIN, "bogus=1", message="bogus: unknown key. Allowed: "),
@@ -238,7 +255,8 @@ def finished_runs(tmp_path_factory: pytest.TempPathFactory, unlearn_bench: Path)
     out = tmp_path_factory.mktemp("finished")
     assert main(["fed", "run", f"out_dir={out}", "--no-progress", "num_nodes=4", "rounds=2", "local_steps=2",
                  "name=fed-small"]) == 0
-    assert main(["train", f"out_dir={out}", "name=train-small", "epochs=1", "width=4", "optimizers=[sgd]"]) == 0
+    assert main(["train", f"out_dir={out}", "name=train-small", "epochs=1", "model_options.width=4",
+                 "optimizers=[sgd]"]) == 0
     cfg = out / "small.yaml"
     cfg.write_text(yaml.safe_dump(unlearn_settings(unlearn_bench, out, methods=[{"objective": "npo"}])))
     assert main(["unlearn", "run", str(cfg)]) == 0

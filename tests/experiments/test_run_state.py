@@ -43,14 +43,14 @@ def test_fed_survives_a_kill_at_every_write(tmp_path: Path, monkeypatch: pytest.
 
 def test_train_survives_a_kill_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def run(name: str) -> None:
-        run_train(TrainConfig(out_dir=str(tmp_path), name=name, optimizers=["sgd", "sam"], epochs=2, width=4,
-                              batch_size=512))
+        run_train(TrainConfig(out_dir=str(tmp_path), name=name, optimizers=["sgd", "sam"], epochs=2,
+                              model_options={"width": 4}, batch_size=512))
 
     def result(name: str) -> Any:
         state = load_checkpoint(tmp_path / name / "checkpoint.safetensors")
-        weights = {k: v.tolist() for k, v in state["sam"]["model"].items()}
+        weights = {k: v.tolist() for k, v in state["arms"]["sam"]["model"].items()}
         rows = json.loads((tmp_path / name / "summary.json").read_text())["results"]
-        return strip(RunDir(tmp_path / name).metrics()), weights, [{k: r[k] for k in ("test_acc", "train_loss")}
+        return strip(RunDir(tmp_path / name).metrics()), weights, [{k: r[k] for k in ("test_acc", "final_test_acc")}
                                                                   for r in rows]
 
     assert kill_everywhere(monkeypatch, run, result) >= 2 * 10
@@ -124,7 +124,7 @@ DAMAGE = {  # (file, damage, expected): expected "resumes" or a regex of the one
 }
 COMMANDS = {
     "fed": ["fed", "run", "name=r", "num_nodes=4", "local_steps=2", "rounds=3", "--no-progress"],
-    "train": ["train", "name=r", "width=4", "optimizers=[sgd, sam]", "epochs=2"],
+    "train": ["train", "name=r", "model_options.width=4", "optimizers=[sgd, sam]", "epochs=2"],
 }
 
 

@@ -1,15 +1,16 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats
 
-import experiments.train as train_module
 from experiments.train import TrainConfig, run_train
 from shared.config import ConfigError
 
 
 def small(tmp_path: Path, name: str, **kw: object) -> TrainConfig:
-    base = {"name": name, "out_dir": str(tmp_path), "epochs": 2, "width": 8, "batch_size": 128,
+    base = {"name": name, "out_dir": str(tmp_path), "epochs": 2, "model_options": {"width": 8}, "batch_size": 128,
             "optimizers": ["sgd", "sam", "obf"]}
     base.update(kw)
     return TrainConfig(**base)
@@ -27,30 +28,69 @@ def test_train_writes_results_and_learns(tmp_path: Path) -> None:
     assert rows["sgd"]["step_time_vs_sgd"] == 1.0
     assert rows["sam"]["step_time_vs_sgd"] > 1.0  # two passes
     saved = json.loads((run / "summary.json").read_text())
-    assert saved["config"]["seed"] == 0 and "torch" in saved["environment"]["versions"]
+    assert saved["config"]["seeds"] == [0] and "torch" in saved["environment"]["versions"]
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3 * 3
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reference = run_train(small(tmp_path, "ref"))
-    calls = {"n": 0}
-    real_save = train_module._save
-
-    def save_then_die(*args: object, **kwargs: object) -> None:
-        real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # killed after the first epoch's checkpoint
-
-    monkeypatch.setattr(train_module, "_save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(small(tmp_path, "killed"))
-    monkeypatch.setattr(train_module, "_save", real_save)
-    resumed = run_train(small(tmp_path, "killed"))
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("step_time")} for r in rows]
-    assert strip(resumed["results"]) == strip(reference["results"])
+def test_a_changed_config_does_not_resume(tmp_path: Path) -> None:
+    run_train(small(tmp_path, "r", epochs=1))
     with pytest.raises(ConfigError, match="different config"):
-        run_train(small(tmp_path, "killed", lr=0.2))
+        run_train(small(tmp_path, "r", epochs=1, lr=0.2))
+    assert run_train(small(tmp_path, "r", epochs=1, lr=0.2, resume=False))["config"]["lr"] == 0.2
+
+
+def test_seeds_give_paired_differences_with_intervals(tmp_path: Path) -> None:
+    summary = run_train(small(tmp_path, "s", seeds=[0, 1, 2], optimizers=["sgd", "sam"], epochs=1))
+    sgd, sam = summary["results"]
+    units = [u for u in summary["units"]]
+    assert len(units) == 3 * 2 and {u["seed"] for u in units} == {0, 1, 2}
+    per_seed = {name: [u["test_acc"] for u in units if u["optimizer"] == name] for name in ("sgd", "sam")}
+    diffs = np.array(per_seed["sam"]) - np.array(per_seed["sgd"])
+    assert sam["diff_vs_sgd"] == pytest.approx(diffs.mean(), abs=1e-4)
+    half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+    assert sam["ci95_low"] == pytest.approx(diffs.mean() - half, abs=1e-4)
+    assert sam["ci95_high"] == pytest.approx(diffs.mean() + half, abs=1e-4)
+    assert sgd["diff_vs_sgd"] is None and sgd["test_acc_std"] == pytest.approx(np.std(per_seed["sgd"], ddof=1), abs=1e-4)
+    # each seed its own initial weights, batches and validation split
+    assert len({u["test_acc"] for u in units if u["optimizer"] == "sgd"}) > 1
+
+
+def test_model_selection_uses_validation_never_test(tmp_path: Path) -> None:
+    summary = run_train(small(tmp_path, "v", epochs=3, optimizers=["sgd"]))
+    records = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    best = max(records, key=lambda r: (r["val_acc"], -r["epoch"]))
+    assert summary["units"][0]["selected_epoch"] == best["epoch"]
+    assert summary["results"][0]["test_acc"] == round(best["test_acc"], 4)
+    assert summary["results"][0]["final_test_acc"] == round(records[-1]["test_acc"], 4)
+
+
+def test_label_noise_flips_the_training_labels_only(tmp_path: Path) -> None:
+    summary = run_train(small(tmp_path, "n", epochs=1, optimizers=["sgd"], label_noise=0.4, seeds=[3]))
+    assert summary["label_noise_flipped"] == {"-/3": pytest.approx(0.4, abs=1e-3)}
+    clean = run_train(small(tmp_path, "c", epochs=1, optimizers=["sgd"], seeds=[3]))
+    assert clean["label_noise_flipped"] == {"-/3": 0.0}
+
+
+def test_mnist1d_with_the_paper_cnn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAMSUITE_CACHE", str(tmp_path / "cache"))
+    summary = run_train(small(tmp_path, "m", dataset="mnist1d", model="cnn1d", model_options={}, epochs=10,
+                              batch_size=32, dataset_options={"num_samples": 1000}, optimizers=["sgd", "sam"]))
+    assert all(r["test_acc"] > 0.2 for r in summary["results"])  # 10 classes: chance is 0.1
+
+
+def test_leave_one_domain_out_table(tmp_path: Path) -> None:
+    summary = run_train(small(tmp_path, "d", protocol="leave-one-domain-out", dataset="rotated-digits",
+                              domains=[0, 45], seeds=[0, 1], optimizers=["sgd", "sam"], epochs=1))
+    lodo = summary["lodo"]
+    assert [list(r) for r in lodo] == [["method", "0", "45", "avg"]] * 2 and [r["method"] for r in lodo] == ["sgd", "sam"]
+    for row in lodo:
+        assert row["avg"] == pytest.approx((row["0"] + row["45"]) / 2, abs=2e-4)
+    units = summary["units"]
+    assert sorted({(u["fold"], u["seed"]) for u in units}) == [("0", 0), ("0", 1), ("45", 0), ("45", 1)]
+    mean_avg = np.mean([np.mean([u["test_acc"] for u in units if u["optimizer"] == "sgd" and u["seed"] == s])
+                        for s in (0, 1)])
+    assert summary["results"][0]["test_acc"] == pytest.approx(mean_avg, abs=1e-4)
+    assert (tmp_path / "d" / "lodo.md").is_file() and set(summary["domains"]) == {"0", "15", "30", "45", "60", "75"}
 
 
 def test_bad_config_is_rejected_before_training(tmp_path: Path, cli) -> None:
@@ -65,6 +105,6 @@ def test_bad_config_is_rejected_before_training(tmp_path: Path, cli) -> None:
 
 
 def test_cli_train_runs(tmp_path: Path, cli) -> None:
-    result = cli("train", f"out_dir={tmp_path}", "name=cli", "epochs=1", "width=4", "optimizers=[sgd, gsam]")
+    result = cli("train", f"out_dir={tmp_path}", "name=cli", "epochs=1", "model_options.width=4", "optimizers=[sgd, gsam]")
     assert result.exit_code == 0, result.output
     assert "| gsam |" in result.output

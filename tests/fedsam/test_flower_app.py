@@ -142,7 +142,7 @@ def test_pyproject_declares_the_apps_and_every_config_field() -> None:
     run_config = pyproject_run_config()
     scalar = {f.name for f in fields(FedConfig) if not isinstance(getattr(FedConfig(), f.name), dict)}
     declared = {key.split(".")[0].replace("-", "_") for key in run_config}
-    assert declared == scalar | {"topology_options", "optimizer_options", "round_timeout"}
+    assert declared == scalar | {"dataset_options", "topology_options", "optimizer_options", "round_timeout"}
     # the defaults of `flwr run .` are those of `samsuite fed run`, on the Flower engine
     assert fed_config_from_run_config(run_config) == FedConfig(engine="flower")
     assert round_timeout(run_config) == 3600.0
