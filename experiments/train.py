@@ -294,6 +294,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    started = time.perf_counter()
     bed = Testbed(cfg)
     units = bed.units()
     _unit_arms(cfg, bed.unit(*units[0]), units[0][1])  # model and options against the data, before any write
@@ -322,7 +323,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 _load_arms(arms, state["arms"])
             _train_unit(cfg, run, u, data, arms, start, timings, flipped, progress)
         progress.close()
-        return finish(run, cfg, config, bed, timings, flipped)
+        return finish(run, cfg, config, bed, timings, flipped, time.perf_counter() - started)
 
 
 def _unit_arms(cfg: TrainConfig, data: UnitData, seed: int) -> list[_Arm]:

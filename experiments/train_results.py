@@ -89,8 +89,9 @@ def mean_curves(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed,
-           timings: Mapping[str, Sequence[float]], flipped: Mapping[str, float]) -> dict[str, Any]:
-    """Write results.csv/.md (and lodo.csv/.md), curves.png and summary.json; returns the summary."""
+           timings: Mapping[str, Sequence[float]], flipped: Mapping[str, float], wall_s: float) -> dict[str, Any]:
+    """Write results.csv/.md (and lodo.csv/.md), curves.png and summary.json; returns the summary.
+    `wall_s`: this invocation's wall time (a resumed run's earlier part is not in it)."""
     records = run.metrics()
     units = unit_results(records)
     rows = result_rows(units, cfg, bed.folds, timings)
@@ -114,6 +115,8 @@ def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed,
         "domains": bed.suite.definitions if bed.suite is not None else None,
         "config": config,
         "seeds": list(cfg.seeds),
+        "wall_s": round(wall_s, 1),
+        "step_time_s": {name: float(np.mean(t)) if t else None for name, t in timings.items()},
         "environment": environment(),
     }
     run.write_json("summary.json", summary)

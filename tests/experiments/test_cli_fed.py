@@ -66,3 +66,27 @@ def test_fed_compare_and_sweep(tmp_path: Path, invoke) -> None:
     assert [r["run"] for r in csv.DictReader((out / "compare.csv").open())] == ["dpsgd", "dfedsam"]
     code, output = invoke("compare", str(tmp_path / "nope"))
     assert code == 2 and "not a fedsam run folder" in output
+
+
+def test_a_sweep_over_seeds_tabulates_paired_differences(tmp_path: Path, invoke) -> None:
+    sweep = tmp_path / "seeds.yaml"
+    sweep.write_text(
+        "sweep:\n  name: s\n  reference: {algorithm: dfedavg}\n  grid:\n    algorithm: [dfedsam, dfedavg]\n"
+        "    data: [{partitioner: dirichlet, alpha: 0.5}]\n    seed: [0, 1, 2]\n"
+        f"num_nodes: 4\nrounds: 2\nlocal_steps: 2\nout_dir: {tmp_path}\n"
+    )
+    code, output = invoke("sweep", str(sweep), "--no-progress")
+    assert code == 0, output
+    per_run = {r["run"]: r for r in csv.DictReader((tmp_path / "s" / "compare.csv").open())}
+    rows = list(csv.DictReader((tmp_path / "s" / "compare_seeds.csv").open()))
+    assert [(r["algorithm"], r["data"], r["seeds"]) for r in rows] == [
+        ("dfedsam", "dirichlet(alpha=0.5)", "3"), ("dfedavg", "dirichlet(alpha=0.5)", "3")]
+    acc = {a: [float(per_run[f"{a}-dirichlet-0.5-seed-{s}"]["test_acc"]) for s in range(3)] for a in ("dfedsam", "dfedavg")}
+    diff = [x - y for x, y in zip(acc["dfedsam"], acc["dfedavg"])]
+    assert float(rows[0]["diff_vs_dfedavg"]) == pytest.approx(sum(diff) / 3, abs=1e-4)
+    assert float(rows[0]["ci95_low"]) <= float(rows[0]["diff_vs_dfedavg"]) <= float(rows[0]["ci95_high"])
+    assert rows[1]["diff_vs_dfedavg"] == "" and float(rows[1]["test_acc"]) == pytest.approx(sum(acc["dfedavg"]) / 3, abs=1e-4)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sweep:\n  reference: {algorithm: fedavg}\n  grid:\n    algorithm: [dfedsam]\n    seed: [0, 1]\n")
+    code, output = invoke("sweep", str(bad))
+    assert code == 2 and "sweep.reference.algorithm: 'fedavg' is not one of its values: dfedsam" in output
