@@ -1,0 +1,35 @@
+"""Every shipped `samsuite train` and `samsuite fed` config loads and validates (the unlearning configs have
+tests/experiments/test_configs_unlearn.py)."""
+
+from pathlib import Path
+
+import pytest
+
+from experiments.train import TrainConfig
+from fedsam.config import FedConfig
+from fedsam.engine import load_sweep
+from shared.config import load_config, read_yaml
+
+CONFIGS = Path(__file__).parents[2] / "experiments" / "configs"
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "fed").glob("*.yaml")), ids=lambda p: p.stem)
+def test_fed_configs_validate(path: Path) -> None:
+    if "sweep" in read_yaml(path):
+        sweep = load_sweep(path)
+        assert sweep.configs and len({c.name for c in sweep.configs}) == len(sweep.configs)
+    else:
+        assert isinstance(load_config(FedConfig, path), FedConfig)
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "train").glob("*.yaml")), ids=lambda p: p.stem)
+def test_train_configs_validate(path: Path) -> None:
+    cfg = load_config(TrainConfig, path)
+    assert len(cfg.seeds) >= 5  # the evidence runs compare over seeds
+
+
+def test_the_e2_sweeps_take_paired_differences_to_dfedavg() -> None:
+    for name in ("e2_mnist1d_dirichlet", "e2_mnist1d_pathological"):
+        sweep = load_sweep(CONFIGS / "fed" / f"{name}.yaml")
+        assert sweep.reference == {"algorithm": "dfedavg"} and len(sweep.configs) == 5 * 3
+        assert {c.num_nodes for c in sweep.configs} == {20} and {c.topology for c in sweep.configs} == {"ring"}
