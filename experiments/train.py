@@ -99,7 +99,8 @@ class TrainConfig:
         if not self.optimizers:
             raise ConfigError("optimizers: expected at least one optimizer")
         allowed = OPTIMIZERS.names() + BASE_OPTIMIZERS.names()
-        for i, name in enumerate(self.optimizers):
+        for i, label in enumerate(self.optimizers):
+            name, _ = variant(label, f"optimizers[{i}]")
             if name.lower() not in allowed:
                 raise ConfigError(f"optimizers[{i}]: unknown optimizer '{name}'. Allowed: {', '.join(allowed)}")
         if len(set(self.optimizers)) != len(self.optimizers):
@@ -131,13 +132,15 @@ class TrainConfig:
             check_range("val_fraction", self.val_fraction, 1e-6, 0.5)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        for name in self.optimizers:  # every optimizer's options are checked before any work
+        for label in self.optimizers:  # every optimizer's options are checked before any work
             try:
-                self.optimizer(name, [torch.zeros(1, requires_grad=True)])
+                self.optimizer(label, [torch.zeros(1, requires_grad=True)])
             except (ValueError, TypeError) as err:
-                where = f"options.{name}" if name in OPTIMIZERS else f"optimizers ({name})"
+                name = variant(label)[0]
+                where = f"options.{name}" if name in OPTIMIZERS and label == name else f"optimizers ({label})"
                 key, sep, rest = str(err).partition(": ")
-                raise ConfigError(f"{where}.{key}: {rest}" if sep and key.isidentifier() else f"{where}: {err}") from None
+                joined = sep and key.isidentifier() and where.startswith("options.")
+                raise ConfigError(f"{where}.{key}: {rest}" if joined else f"{where}: {err}") from None
 
     def _check_testbed(self) -> None:
         """Names only (no data is loaded here): the data set or suite for the protocol, the model."""
@@ -156,12 +159,35 @@ class TrainConfig:
         if self.domains is not None and self.protocol == "standard":
             raise ConfigError("domains: only used with protocol=leave-one-domain-out")
 
-    def optimizer(self, name: str, params: Any) -> torch.optim.Optimizer:
-        """Optimizer `name` of this comparison over `params`, with its options."""
+    def optimizer(self, label: str, params: Any) -> torch.optim.Optimizer:
+        """Optimizer `label` of this comparison over `params`: its member's `options`, then the label's own."""
+        name, own = variant(label)
         kwargs = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
         if name in OPTIMIZERS:
-            return build_optimizer(name, params, self.base, **self.options.get(name, {}), **kwargs)
-        return build_optimizer(name, params, **kwargs)
+            return build_optimizer(name, params, self.base, **{**self.options.get(name, {}), **own}, **kwargs)
+        return build_optimizer(name, params, **{**kwargs, **own})
+
+
+def variant(label: str, field_name: str = "optimizers") -> tuple[str, dict[str, Any]]:
+    """"sam" -> ("sam", {}); "sam:rho=0.1" -> ("sam", {"rho": 0.1}); "gsam:rho=0.1,alpha=0.2": several options.
+    Variants of one member side by side make a hyperparameter grid whose best entry is chosen on validation
+    accuracy (`experiments.train_results`), never on test accuracy."""
+    import yaml
+
+    name, sep, rest = str(label).partition(":")
+    options: dict[str, Any] = {}
+    for item in rest.split(",") if sep else []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{field_name}: {label!r}: expected NAME or NAME:key=value[,key=value], e.g. sam:rho=0.1")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        options[key.strip()] = parsed
+    return name.strip(), options
 
 
 # ---------------------------------------------------------------------------------------------- data

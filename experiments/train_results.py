@@ -32,26 +32,46 @@ def unit_results(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str | None,
 
 
 def per_seed(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], optimizer: str, seeds: Sequence[int],
-             folds: Sequence[str | None], which: str = "selected") -> list[float]:
-    """One test accuracy per seed (the mean over held-out domains in leave-one-domain-out)."""
-    return [float(np.mean([units[(fold, seed, optimizer)][which]["test_acc"] for fold in folds])) for seed in seeds]
+             folds: Sequence[str | None], which: str = "selected", key: str = "test_acc") -> list[float]:
+    """One value (test accuracy) per seed: the mean over held-out domains in leave-one-domain-out."""
+    return [float(np.mean([units[(fold, seed, optimizer)][which][key] for fold in folds])) for seed in seeds]
 
 
 def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def best_on_validation(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], cfg: TrainConfig,
+                       folds: Sequence[str | None]) -> dict[str, list[str]]:
+    """For every member listed in several variants (a grid such as sam:rho=0.02, sam:rho=0.05): per seed,
+    the variant with the best validation accuracy at its selected epoch (mean over held-out domains; the
+    first on ties). The test data plays no part in the choice."""
+    from experiments.train import variant
+
+    grids: dict[str, list[str]] = {}
+    for label in cfg.optimizers:
+        grids.setdefault(variant(label)[0], []).append(label)
+    return {member: [max(labels, key=lambda lab: (per_seed(units, lab, [seed], folds, "selected", "val_acc")[0],
+                                                  -labels.index(lab))) for seed in cfg.seeds]
+            for member, labels in grids.items() if len(labels) > 1}
+
+
 def result_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], cfg: TrainConfig,
                 folds: Sequence[str | None], timings: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
-    """The results table: per optimizer, test accuracy (selected on validation; at the last epoch) mean and
-    std over seeds, the paired difference to the base optimizer with its 95% interval, and the step time."""
+    """The results table: per optimizer (and per grid, its best variant on validation), test accuracy
+    (selected on validation; at the last epoch) mean and std over seeds, the paired difference to the base
+    optimizer with its 95% interval, and the step time."""
     base = cfg.base if cfg.base in cfg.optimizers else None
     base_time = float(np.mean(timings[base])) if base and timings.get(base) else None
     reference = per_seed(units, base, cfg.seeds, folds) if base else None
+    entries = [(name, per_seed(units, name, cfg.seeds, folds), per_seed(units, name, cfg.seeds, folds, "final"),
+                timings.get(name)) for name in cfg.optimizers]
+    for member, chosen in best_on_validation(units, cfg, folds).items():
+        pick = [per_seed(units, label, [seed], folds)[0] for label, seed in zip(chosen, cfg.seeds)]
+        last = [per_seed(units, label, [seed], folds, "final")[0] for label, seed in zip(chosen, cfg.seeds)]
+        entries.append((f"{member} (best on val)", pick, last, None))
     rows = []
-    for name in cfg.optimizers:
-        selected = per_seed(units, name, cfg.seeds, folds)
-        final = per_seed(units, name, cfg.seeds, folds, "final")
+    for name, selected, final, times in entries:
         mean, std = mean_std(selected)
         row: dict[str, Any] = {"optimizer": name, "seeds": len(cfg.seeds), "test_acc": _round(mean),
                                "test_acc_std": _round(std), "final_test_acc": _round(mean_std(final)[0])}
@@ -62,7 +82,7 @@ def result_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], 
             row["ci95_high"] = _round(diff["ci_high"]) if diff else None
             row["diff_se"] = _round(diff["sem"]) if diff else None
         if base_time:
-            row[f"step_time_vs_{base}"] = round(float(np.mean(timings[name])) / base_time, 3)
+            row[f"step_time_vs_{base}"] = round(float(np.mean(times)) / base_time, 3) if times else None
         rows.append(row)
     return rows
 
@@ -111,6 +131,7 @@ def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed,
         "units": [{"fold": fold, "seed": seed, "optimizer": name, "selected_epoch": u["selected"]["epoch"],
                    "val_acc": u["selected"]["val_acc"], "test_acc": u["selected"]["test_acc"],
                    "final_test_acc": u["final"]["test_acc"]} for (fold, seed, name), u in units.items()],
+        "best_on_validation": best_on_validation(units, cfg, bed.folds),
         "label_noise_flipped": dict(flipped),
         "domains": bed.suite.definitions if bed.suite is not None else None,
         "config": config,

@@ -108,3 +108,21 @@ def test_cli_train_runs(tmp_path: Path, cli) -> None:
     result = cli("train", f"out_dir={tmp_path}", "name=cli", "epochs=1", "model_options.width=4", "optimizers=[sgd, gsam]")
     assert result.exit_code == 0, result.output
     assert "| gsam |" in result.output
+
+
+def test_a_grid_of_variants_is_chosen_on_validation(tmp_path: Path) -> None:
+    labels = ["sgd", "sam:rho=0.01", "sam:rho=1e-1"]
+    summary = run_train(small(tmp_path, "g", optimizers=labels, seeds=[0, 1], epochs=1))
+    rows = {r["optimizer"]: r for r in summary["results"]}
+    assert list(rows) == [*labels, "sam (best on val)"]
+    units = summary["units"]
+    for seed, chosen in zip([0, 1], summary["best_on_validation"]["sam"], strict=True):
+        val = {u["optimizer"]: u["val_acc"] for u in units if u["seed"] == seed and u["optimizer"] != "sgd"}
+        assert val[chosen] == max(val.values())
+    picked = [next(u["test_acc"] for u in units if u["seed"] == s and u["optimizer"] == c)
+              for s, c in zip([0, 1], summary["best_on_validation"]["sam"], strict=True)]
+    assert rows["sam (best on val)"]["test_acc"] == pytest.approx(np.mean(picked), abs=1e-4)
+    with pytest.raises(ConfigError, match=r"optimizers\[1\]: 'sam:rho': expected NAME or NAME:key=value"):
+        small(tmp_path, "x", optimizers=["sgd", "sam:rho"])
+    with pytest.raises(ConfigError, match=r"optimizers \(sam:bogus=1\): bogus: unknown option of SAM"):
+        small(tmp_path, "x", optimizers=["sgd", "sam:bogus=1"])

@@ -270,3 +270,16 @@ def test_a_partitioner_that_leaves_a_node_empty_is_refused(monkeypatch: pytest.M
     monkeypatch.setitem(PARTITIONERS._items, "lopsided", lambda opts: Lopsided())
     with pytest.raises(ValueError, match=r"num_nodes: 'lopsided' left a node without samples"):
         load_federated("digits", 2, partitioner="lopsided")
+
+
+def test_mnist1d_partitions_for_fedsam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAMSUITE_CACHE", str(tmp_path))
+    data = load_federated("mnist1d", 10, partitioner="pathological", classes_per_node=2, local_test_fraction=0.2,
+                          seed=0, dataset_options={"num_samples": 1000})
+    assert data.input_shape == (1, 40) and data.num_classes == 10 and len(data.test_y) == 200
+    assert sum(len(n.train_y) + len(n.test_y) for n in data.nodes) == 800  # every training signal, once
+    for node in data.nodes:
+        assert len(torch.unique(torch.cat([node.train_y, node.test_y]))) <= 2 and node.train_x.shape[1:] == (1, 40)
+    again = load_federated("mnist1d", 10, partitioner="pathological", classes_per_node=2, local_test_fraction=0.2,
+                           seed=0, dataset_options={"num_samples": 1000})
+    assert all(torch.equal(a.train_x, b.train_x) for a, b in zip(data.nodes, again.nodes, strict=True))
