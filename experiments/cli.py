@@ -53,7 +53,7 @@ def train(args: Optional[list[str]] = typer.Argument(None, help="[CONFIG.yaml] [
 def bench_optim(
     out: Optional[Path] = typer.Option(None, help="folder for optim.json (default: print only)"),
     quick: bool = typer.Option(False, help="a few seconds, for smoke tests"),
-    threads: Optional[int] = typer.Option(1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Time of one optimizer step (passes included) of each member / the base SGD step."""
@@ -67,7 +67,7 @@ def bench_fed(
     out: Optional[Path] = typer.Option(None, help="folder for fed.json and fed.md (default: print only)"),
     quick: bool = typer.Option(False, help="one model, few repeats and rounds, for smoke tests"),
     flower: bool = typer.Option(True, "--flower/--no-flower", help="also time the Flower simulation (Ray start-up)"),
-    threads: Optional[int] = typer.Option(1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
     seed: int = typer.Option(0),
 ) -> None:
     """Stacked gossip mixing vs a per-node loop (N=100), Flower vs in-process rounds, engine overhead."""
@@ -80,12 +80,15 @@ def bench_fed(
 def bench_unlearn(
     out: Optional[Path] = typer.Option(None, help="folder for unlearn.json and unlearn.md (default: print only)"),
     quick: bool = typer.Option(False, help="a tiny model and a few rounds, for smoke tests"),
-    threads: Optional[int] = typer.Option(1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
     device: str = typer.Option("cpu", help="cpu or cuda (peak memory from torch.cuda there)"),
     seed: int = typer.Option(0),
 ) -> None:
     """NPO+SAM / NPO step time and peak memory, and NPO with cached vs recomputed reference log-probs."""
     from experiments.bench.unlearn import run
+    from shared.validate import check_device
+
+    check_device("device", device, allow_auto=False)
 
     run(out_dir=out, quick=quick, seed=seed, threads=threads, device=device)
 
@@ -97,11 +100,14 @@ def bench_eval(
     model: str = typer.Option("smollm2", help="model spec (see `samsuite unlearn eval --model`)"),
     dtype: str = typer.Option("float32", help="auto, float32, bfloat16, float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
-    threads: Optional[int] = typer.Option(1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
     seed: int = typer.Option(0),
 ) -> None:
     """MC questions/s of our scorer vs lm-eval, and greedy tokens/s batched + KV cache vs one at a time."""
     from experiments.bench.eval import run
+    from shared.validate import check_device
+
+    check_device("device", device)
 
     run(out_dir=out, quick=quick, seed=seed, threads=threads, model=model, dtype=dtype, device=device)
 

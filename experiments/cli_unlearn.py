@@ -18,7 +18,7 @@ def prepare_command(
     out: Path = typer.Option(Path("runs/toy-models"), help="folder for target/, retrain/ and prepare.json"),
     seed: int = typer.Option(0, help="the benchmark's and the training's seed"),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N"),
-    threads: Optional[int] = typer.Option(1, help="torch CPU threads (1: fastest for the tiny model)"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch CPU threads (1: fastest for the tiny model)"),
     force: bool = typer.Option(False, help="train again even if prepare.json matches these settings"),
 ) -> None:
     """Build the embedded benchmark's "target" (forget + retain) and "retrain" (retain only) models."""
@@ -127,7 +127,7 @@ def relearn_command(
     dtype: str = typer.Option("float32", help="auto, float32, bfloat16, float16"),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto"),
     seed: int = typer.Option(0, help="the toy benchmark's seed"),
-    threads: Optional[int] = typer.Option(1, help="torch threads (1: fastest for small models on a busy CPU)"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: fastest for small models on a busy CPU)"),
 ) -> None:
     """The relearning attack: fine-tune MODEL on N forget samples (several seeded draws) and follow the forget
     metrics; writes relearn.json (curve: mean ± std over draws) and relearn_curves.png."""

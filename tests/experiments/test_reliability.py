@@ -226,6 +226,12 @@ CASES: dict[str, Case] = {
     "unlearn prepare epochs": case("unlearn", "prepare", "epochs=inf", "--out", "{out}/m",
                                    message=f"epochs: {NON_FINITE}"),
     "unlearn compare missing": case("unlearn", "compare", "{out}/nope", message="nope: no summary.json"),
+    "unlearn prepare threads": case("unlearn", "prepare", "--threads", "0", "--out", "{out}/m",
+                                    message="Invalid value for '--threads': 0 is not in the range x>=1"),
+    # ------------------------------------------------------------------------------------ samsuite bench
+    "bench optim threads": case("bench", "optim", "--threads", "0", message="Invalid value for '--threads'"),
+    "bench unlearn device": case("bench", "unlearn", "--device", "tpu", message="device: unknown device 'tpu'"),
+    "bench eval device": case("bench", "eval", "--device", "cuda:3", message="device: 'cuda:3' is not on this machine"),
     # ------------------------------------------------------------------------------------ diverging runs
     "train diverges": case(*TRAIN, "lr=1e4", "epochs=2", "optimizers=[sgd]", code=1, untouched=False,
                            message=r"error: epoch 1, optimizer sgd: the loss diverged \(training loss nan, limit "
