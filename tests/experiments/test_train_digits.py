@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from scipy import stats
 
@@ -126,3 +127,13 @@ def test_a_grid_of_variants_is_chosen_on_validation(tmp_path: Path) -> None:
         small(tmp_path, "x", optimizers=["sgd", "sam:rho"])
     with pytest.raises(ConfigError, match=r"optimizers \(sam:bogus=1\): bogus: unknown option of SAM"):
         small(tmp_path, "x", optimizers=["sgd", "sam:bogus=1"])
+
+
+def test_label_noise_leaves_validation_and_test_labels_clean(tmp_path: Path) -> None:
+    from experiments.train import Testbed
+
+    noisy = Testbed(small(tmp_path, "x", label_noise=0.4)).unit(None, 3)
+    clean = Testbed(small(tmp_path, "x")).unit(None, 3)
+    assert torch.equal(noisy.val[1], clean.val[1]) and torch.equal(noisy.test[1], clean.test[1])
+    flipped = (noisy.train[1] != clean.train[1]).float().mean().item()
+    assert torch.equal(noisy.train[0], clean.train[0]) and flipped == pytest.approx(0.4, abs=1e-3)
