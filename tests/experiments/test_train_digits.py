@@ -2,8 +2,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from scipy import stats
 
 from experiments.train import TrainConfig, run_train
