@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from shared import BASE_OPTIMIZERS, OPTIMIZERS, SharpnessAware, build_optimizer, chunk, sam_backward
-from shared.config import ConfigError, check_finite, to_dict
+from shared.config import ConfigError, apply_overrides, check_finite, plain_value, to_dict
 from shared.errors import Diverged
 from shared.runio import RunDir, check_run_name
 from shared.seeding import derive_seed
@@ -172,21 +172,11 @@ def variant(label: str, field_name: str = "optimizers") -> tuple[str, dict[str, 
     """"sam" -> ("sam", {}); "sam:rho=0.1" -> ("sam", {"rho": 0.1}); "gsam:rho=0.1,alpha=0.2": several options.
     Variants of one member side by side make a hyperparameter grid whose best entry is chosen on validation
     accuracy (`experiments.train_results`), never on test accuracy."""
-    import yaml
-
     name, sep, rest = str(label).partition(":")
-    options: dict[str, Any] = {}
-    for item in rest.split(",") if sep else []:
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ConfigError(f"{field_name}: {label!r}: expected NAME or NAME:key=value[,key=value], e.g. sam:rho=0.1")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-3 as a string
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        options[key.strip()] = parsed
+    items = rest.split(",") if sep else []
+    if any("=" not in item or not item.partition("=")[0].strip() for item in items):
+        raise ConfigError(f"{field_name}: {label!r}: expected NAME or NAME:key=value[,key=value], e.g. sam:rho=0.1")
+    options = plain_value(apply_overrides({}, [item.strip() for item in items]), field_name)
     return name.strip(), options
 
 
@@ -347,7 +337,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             start = done[1] if u == done[0] else 0
             if start:
                 _load_arms(arms, state["arms"])
-            _train_unit(cfg, run, u, data, arms, start, timings, flipped, progress)
+            _train_unit(cfg, _comparable(config), run, u, data, arms, start, timings, flipped, progress)
         progress.close()
         return finish(run, cfg, config, bed, timings, flipped, time.perf_counter() - started)
 
@@ -369,8 +359,8 @@ def _unit_arms(cfg: TrainConfig, data: UnitData, seed: int) -> list[_Arm]:
     return [_make_arm(name, cfg, init, model_fn, steps_total) for name in cfg.optimizers]
 
 
-def _train_unit(cfg: TrainConfig, run: RunDir, u: int, data: UnitData, arms: list[_Arm], start: int,
-                timings: dict[str, list[float]], flipped: dict[str, float], progress: tqdm) -> None:
+def _train_unit(cfg: TrainConfig, comparable: dict[str, Any], run: RunDir, u: int, data: UnitData, arms: list[_Arm],
+                start: int, timings: dict[str, list[float]], flipped: dict[str, float], progress: tqdm) -> None:
     x_train, y_train = data.train
     for epoch in range(start, cfg.epochs):
         gen = torch.Generator().manual_seed(derive_seed(data.seed, data.fold or "-", epoch))
@@ -397,7 +387,7 @@ def _train_unit(cfg: TrainConfig, run: RunDir, u: int, data: UnitData, arms: lis
             run.log(record)
         progress.set_postfix({r["optimizer"]: f"{r['val_acc']:.3f}" for r in records})
         progress.update()
-        run.save_checkpoint({"unit": u, "epoch": epoch + 1, "config": _comparable(to_dict(cfg)),
+        run.save_checkpoint({"unit": u, "epoch": epoch + 1, "config": comparable,
                              "arms": {arm.name: _arm_state(arm) for arm in arms}, "step_times": timings,
                              "flipped": flipped})
 

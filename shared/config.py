@@ -17,7 +17,8 @@ import yaml
 
 from shared.errors import ConfigError
 
-__all__ = ["ConfigError", "apply_overrides", "check_finite", "from_dict", "load_config", "read_yaml", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "check_finite", "from_dict", "load_config", "plain_value", "read_yaml",
+           "to_dict"]
 
 C = TypeVar("C")
 # YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string; YAML 1.2 and every user read it as a number.
@@ -52,7 +53,7 @@ def _join(path: str, name: str) -> str:
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return _plain_value(value, path)
+        return plain_value(value, path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -120,7 +121,7 @@ def check_finite(cfg: Any) -> None:
             _finite(value, f.name)
 
 
-def _plain_value(value: Any, path: str) -> Any:
+def plain_value(value: Any, path: str) -> Any:
     """A free-form value (optimizer options, say) checked like a typed one where it is a number:
     1e-5 becomes a float, and inf / nan (as numbers or as words) are refused."""
     if isinstance(value, str) and _NON_FINITE.fullmatch(value.strip()):
@@ -130,9 +131,9 @@ def _plain_value(value: Any, path: str) -> Any:
     if isinstance(value, float):
         return _finite(value, path)
     if isinstance(value, Mapping):
-        return {k: _plain_value(v, _join(path, str(k))) for k, v in value.items()}
+        return {k: plain_value(v, _join(path, str(k))) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [plain_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
     return value
 
 
