@@ -1,4 +1,5 @@
-"""The SAM family: one protocol (`SharpnessAware`), one driver (`sam_backward`), a registry."""
+"""The SAM family: one contract (`Member`, driven by `member_backward`), the perturbing members' protocol
+(`SharpnessAware`, driven by `sam_backward`), a registry."""
 
 from __future__ import annotations
 
@@ -14,14 +15,22 @@ from shared.sam.backward import SamStepStats, chunk, sam_backward
 from shared.sam.base import BASE_OPTIMIZERS, BaseOptimizerSpec, SharpnessAware, resolve_base_optimizer
 from shared.sam.bn import frozen_bn_stats
 from shared.sam.gsam import GSAM
+from shared.sam.member import Batch, Member, StepLosses, member_backward
 from shared.sam.obf import OBF, obf_ascent_loss
 from shared.sam.sam import ASAM, SAM
+from shared.sam.trajectory import MESA, SAF, trajectory_loss
+from shared.sam.tram import TRAM, TRAMX, TRAMInit, TRAMPrev, trust_region_distance
 
-OPTIMIZERS: Registry[type[SharpnessAware]] = Registry("optimizer")
+OPTIMIZERS: Registry[type[Member]] = Registry("optimizer")
 OPTIMIZERS.register("sam")(SAM)
 OPTIMIZERS.register("asam")(ASAM)
 OPTIMIZERS.register("gsam")(GSAM)
 OPTIMIZERS.register("obf")(OBF)
+OPTIMIZERS.register("saf")(SAF)
+OPTIMIZERS.register("mesa")(MESA)
+OPTIMIZERS.register("tram-prev")(TRAMPrev)
+OPTIMIZERS.register("tram-init")(TRAMInit)
+OPTIMIZERS.register("tram-x")(TRAMX)
 
 
 def build_optimizer(
@@ -46,15 +55,24 @@ __all__ = [
     "ASAM",
     "BASE_OPTIMIZERS",
     "GSAM",
+    "MESA",
     "OBF",
     "OPTIMIZERS",
+    "SAF",
     "SAM",
+    "TRAM",
+    "Batch",
+    "Member",
     "SamStepStats",
     "SharpnessAware",
+    "StepLosses",
     "build_optimizer",
     "chunk",
     "frozen_bn_stats",
+    "member_backward",
     "obf_ascent_loss",
     "resolve_base_optimizer",
     "sam_backward",
+    "trajectory_loss",
+    "trust_region_distance",
 ]

@@ -106,6 +106,10 @@ def chunk(batch: Any, size: int) -> list[Any]:
         raise ValueError(f"size: expected a micro-batch size > 0, got {size}")
     if isinstance(batch, Tensor):
         return list(batch.split(size))
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple (shared.Batch); None fields stay None
+        pieces = [chunk(t, size) if t is not None else None for t in batch]
+        count = len(next(p for p in pieces if p is not None))
+        return [type(batch)(*(p[i] if p is not None else None for p in pieces)) for i in range(count)]
     if isinstance(batch, (tuple, list)):
         return [type(batch)(parts) for parts in zip(*(chunk(t, size) for t in batch))]
     if isinstance(batch, dict):

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from shared.registry import Registry
+from shared.sam.member import Member, split_member_state, with_member_state
 from shared.validate import check_nonnegative, check_positive
 
 BASE_OPTIMIZERS: Registry[type[Optimizer]] = Registry("base optimizer")
@@ -99,14 +100,22 @@ def _check_options(member: type, base: Callable[..., Optimizer], base_kwargs: di
                          f"{getattr(base, '__name__', base)}. Allowed: {', '.join(allowed)}")
 
 
-class SharpnessAware(Optimizer):
-    """Base of every member: perturb w by e (a hook), evaluate the gradient there, restore w,
-    let the base optimizer step. Group options: `rho` (> 0), `perturb` (False excludes the group,
-    e.g. norms and biases), `adaptive` and `eta` (ASAM's T_w = |w| + eta)."""
+def wrap_base(opt: Optimizer, base_optimizer: BaseOptimizerSpec, base_kwargs: dict[str, Any]) -> Optimizer:
+    """Build the base optimizer over `opt`'s parameter groups and share them, so that LR schedulers
+    attached to `opt` drive it; an option neither takes is a ValueError naming it."""
+    base_cls = resolve_base_optimizer(base_optimizer)
+    _check_options(type(opt), base_cls, base_kwargs)
+    base = base_cls(opt.param_groups, **base_kwargs)
+    opt.param_groups = base.param_groups
+    opt.defaults.update(base.defaults)
+    return base
 
-    #: Members whose ascent objective differs from the training loss (OBF) override this with a
-    #: method `ascent_loss(logits, targets) -> Tensor`; None means "ascend the training loss".
-    ascent_loss: Callable[[Tensor, Tensor], Tensor] | None = None
+
+class SharpnessAware(Member, Optimizer):
+    """Base of every perturbing member: perturb w by e (a hook), evaluate the gradient there,
+    restore w, let the base optimizer step. Group options: `rho` (> 0), `perturb` (False excludes
+    the group, e.g. norms and biases), `adaptive` and `eta` (ASAM's T_w = |w| + eta). The hooks of
+    `shared.sam.member.Member` let a member read the model and the first pass (OBF, TRAM)."""
 
     def __init__(
         self,
@@ -124,11 +133,7 @@ class SharpnessAware(Optimizer):
         self.eps = perturb_eps  # named as in pytorch_optimizer: `eps` is the base optimizer's (Adam...)
         self._member_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb": True}
         super().__init__(params, dict(self._member_defaults))
-        base_cls = resolve_base_optimizer(base_optimizer)
-        _check_options(type(self), base_cls, base_kwargs)
-        self.base_optimizer = base_cls(self.param_groups, **base_kwargs)
-        self.param_groups = self.base_optimizer.param_groups
-        self.defaults.update(self.base_optimizer.defaults)
+        self.base_optimizer = wrap_base(self, base_optimizer, base_kwargs)
         self._plan: _Plan | None = None  # set while the weights are perturbed
         self._unperturbed: list[Tensor] | None = None  # w's own tensors while w + e lives in the gradients' ones
         self._restored = False  # True between unperturb() and the base step
@@ -151,13 +156,14 @@ class SharpnessAware(Optimizer):
         check_nonnegative(f"param_groups[{index}].eta", group["eta"])
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state and the shared groups (which carry rho and the other options)."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state and the shared groups (which carry rho and the other options),
+        plus the member's own state (TRAM's target model) under "member"."""
+        return with_member_state(self, self.base_optimizer.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._plan is not None:
             raise RuntimeError("load_state_dict() while the weights are perturbed: call unperturb() first")
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict(split_member_state(self, state_dict))
         self.param_groups = self.base_optimizer.param_groups  # the base built new group dicts
 
     # ----------------------------------------------------------------- hooks for members

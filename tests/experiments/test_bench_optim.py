@@ -40,7 +40,7 @@ def test_records_config_and_environment(quick_run) -> None:
 
 def test_both_models_with_every_candidate(quick_run) -> None:
     result, _ = quick_run
-    assert set(result["models"]) == {"cnn", "mlp"}
+    assert set(result["models"]) == {"cnn", "cnn1d", "mlp"}
     assert result["models"]["mlp"]["parameter_tensors"] >= 100
     have_pto = optim._pytorch_optimizer_sam()[0] is not None
     for model in result["models"].values():
@@ -50,12 +50,14 @@ def test_both_models_with_every_candidate(quick_run) -> None:
         assert set(rows["sgd"]) == {"base"} and set(rows[optim.FLOOR]) == {"floor"}
         assert rows["sgd"]["base"]["ratio"] == pytest.approx(1.0)
         for name in OPTIMIZERS.names():
-            assert set(rows[name]) == set(optim.DRIVERS)
+            drivers = {"member_backward"} if OPTIMIZERS.get(name).driver_only else set(optim.DRIVERS)
+            assert set(rows[name]) == drivers
 
 
 def test_two_pass_members_cost_more_than_one_base_step(quick_run) -> None:
     result, _ = quick_run
     for model in result["models"].values():
+        two_pass = []
         for member, drivers in model["optimizers"].items():
             for driver, row in drivers.items():
                 for key in ("ratio", "paired_ratio", "over_floor", "paired_ratio_q25", "paired_ratio_q75"):
@@ -63,8 +65,23 @@ def test_two_pass_members_cost_more_than_one_base_step(quick_run) -> None:
                 assert row["ratio"] > 0 and row["paired_ratio_q25"] <= row["paired_ratio_q75"], (member, driver)
                 assert row["params_finite"], (member, driver)
                 assert row["samples"] == result["config"]["rounds"]
-                if member != "sgd":  # two forward/backward passes against one
-                    assert row["ratio"] > 1.0, (member, driver, row["ratio"])
+                if (member in OPTIMIZERS and not OPTIMIZERS.get(member).driver_only) or member in (optim.LOOP, optim.PTO,
+                                                                                                  optim.FLOOR):
+                    two_pass.append(row["ratio"])
+        # two forward/backward passes against one; averaged, as quick mode's 7 rounds on a busy
+        # machine can put a single median below 1
+        assert sum(two_pass) / len(two_pass) > 1.2, two_pass
+
+
+def test_member_state_is_measured(quick_run) -> None:
+    """SAF's buffer: 128 examples x (E~ + 1) x 10 classes x 4 bytes; MESA's EMA: one model copy."""
+    result, _ = quick_run
+    rows = result["models"]["cnn"]["optimizers"]
+    saf = OPTIMIZERS.get("saf")(torch.nn.Linear(1, 1).parameters())
+    assert rows["saf"]["member_backward"]["member_state_bytes"] >= 128 * (saf.past + 1) * 10 * 4
+    params = result["models"]["cnn"]["parameters"]
+    assert rows["mesa"]["member_backward"]["member_state_bytes"] >= 4 * params
+    assert rows["sam"]["steps"]["member_state_bytes"] == 0
 
 
 def test_targets_are_recorded_not_enforced(quick_run) -> None:

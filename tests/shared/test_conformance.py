@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from shared import OPTIMIZERS, SharpnessAware, sam_backward
 
-NAMES = OPTIMIZERS.names()
+NAMES = [name for name in OPTIMIZERS.names() if not OPTIMIZERS.get(name).driver_only]  # the others: test_driver_members
 EPS = 1e-12  # the implementation's eps: e = rho g / (||g|| + eps), GSAM: ||g_p||^2 + eps
 ATOL = 1e-10  # float64 agreement with the references
 IN, HIDDEN, CLASSES, BATCH = 5, 7, 4, 8
