@@ -38,7 +38,8 @@ from shared.validate import check_nonnegative, check_positive, check_range
 
 # Settings that do not change a run's numbers: a run may resume with other values.
 RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "max_loss")
-PROTOCOLS = ("standard", "leave-one-domain-out")
+PROTOCOLS = ("standard", "leave-one-domain-out", "fine-tune")
+USEFUL = "+useful"  # the suffix of an arm trained on USEFUL's upsampled data
 EVAL_CHUNK = 2048  # examples per forward pass when evaluating
 
 
@@ -72,8 +73,14 @@ class TrainConfig:
     dataset: str = "digits"  # testbeds.DATASETS (standard protocol) or testbeds.SUITES (leave-one-domain-out)
     dataset_options: dict[str, Any] = field(default_factory=dict)  # e.g. {num_samples: 10000} for mnist1d
     data_dir: str | None = None
-    protocol: Literal["standard", "leave-one-domain-out"] = "standard"
+    protocol: Literal["standard", "leave-one-domain-out", "fine-tune"] = "standard"
     domains: list[str | int] | None = None  # leave-one-domain-out: held-out domains to run (None: all; 15 = "15")
+    # fine-tune (testbeds.fine_tune_split): the base optimizer pre-trains on `pretrain_domains` (None: all but
+    # the target) for `pretrain_epochs`; every optimizer then fine-tunes that model on `target_domain`; the test
+    # data are the held-out parts of the other domains (TRAM's cross-domain setting)
+    target_domain: str | int | None = None
+    pretrain_domains: list[str | int] | None = None
+    pretrain_epochs: int = 20
     label_noise: float = 0.0  # fraction of training labels flipped (seeded per seed)
     label_noise_kind: Literal["symmetric", "asymmetric"] = "symmetric"
     val_fraction: float = 0.2  # of the training data (of each training domain), held out for model selection
@@ -91,6 +98,11 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "constant"] = "cosine"
+    # USEFUL (Nguyen et al., NeurIPS 2024): every optimizer also trains, from the same initial weights, on the
+    # training set with each class's slow-to-learn cluster upsampled (rows "<optimizer>+useful"; testbeds.useful)
+    useful: bool = False
+    useful_epoch: int | None = None  # epochs of the early model whose outputs are clustered (None: 10% of epochs)
+    useful_factor: int = 2  # times each example of a slow cluster appears
     m: int | None = None  # m-sharpness: micro-batch size of each perturbation (None: whole batch)
     grad_accum: int = 1  # micro-batches per step (e from their accumulated gradient)
     threads: int | None = None
@@ -102,6 +114,10 @@ class TrainConfig:
         check_run_name(self.name)
         if self.domains is not None:  # domain names are strings ("15" for rotated-digits' 15 degrees)
             self.domains = [str(d) for d in self.domains]
+        if self.pretrain_domains is not None:
+            self.pretrain_domains = [str(d) for d in self.pretrain_domains]
+        if self.target_domain is not None:
+            self.target_domain = str(self.target_domain)
         self._check_testbed()
         if not self.optimizers:
             raise ConfigError("optimizers: expected at least one optimizer")
@@ -128,6 +144,10 @@ class TrainConfig:
             raise ConfigError(f"m: expected 1 <= m <= batch_size ({self.batch_size}), got {self.m}")
         if self.m is not None and self.grad_accum > 1:
             raise ConfigError("m, grad_accum: set one of them (m-sharpness already splits the batch)")
+        if not isinstance(self.useful_factor, int) or self.useful_factor < 2:
+            raise ConfigError(f"useful_factor: expected an integer >= 2, got {self.useful_factor!r}")
+        if self.useful_epoch is not None and not 1 <= self.useful_epoch <= self.epochs:
+            raise ConfigError(f"useful_epoch: expected 1 <= useful_epoch <= epochs ({self.epochs}), got {self.useful_epoch}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads: expected an integer >= 1 (or null: torch's choice), got {self.threads}")
         try:
@@ -163,12 +183,29 @@ class TrainConfig:
                               f"Allowed: {', '.join(registry.names())}")
         if self.model not in MODELS:
             raise ConfigError(MODELS.unknown_message(self.model, "model"))
-        if self.domains is not None and self.protocol == "standard":
+        if self.domains is not None and self.protocol != "leave-one-domain-out":
             raise ConfigError("domains: only used with protocol=leave-one-domain-out")
+        if (self.protocol == "fine-tune") != (self.target_domain is not None):
+            raise ConfigError("target_domain: protocol=fine-tune needs it (the domain to fine-tune on); other "
+                              "protocols take none")
+        if self.pretrain_domains is not None and self.protocol != "fine-tune":
+            raise ConfigError("pretrain_domains: only used with protocol=fine-tune")
+        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 1:
+            raise ConfigError(f"pretrain_epochs: expected an integer >= 1, got {self.pretrain_epochs!r}")
+
+    @property
+    def arms(self) -> list[str]:
+        """What is trained side by side: every optimizer, and with `useful` each again on USEFUL's data."""
+        return self.optimizers + ([f"{label}{USEFUL}" for label in self.optimizers] if self.useful else [])
+
+    @property
+    def early_epochs(self) -> int:
+        """USEFUL's separating epoch t: 10% of training (the paper: 5-10%), at least one epoch."""
+        return self.useful_epoch or max(1, round(0.1 * self.epochs))
 
     def optimizer(self, label: str, params: Any) -> torch.optim.Optimizer:
-        """Optimizer `label` of this comparison over `params`: its member's `options`, then the label's own."""
-        name, own = variant(label)
+        """Optimizer `label` (or arm `label+useful`) over `params`: its member's `options`, then the label's own."""
+        name, own = variant(label.removesuffix(USEFUL))
         kwargs = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
         if name in OPTIMIZERS:
             return build_optimizer(name, params, self.base, **{**self.options.get(name, {}), **own}, **kwargs)
@@ -202,6 +239,7 @@ class UnitData:
     test: Split
     num_classes: int
     flipped: float  # the fraction of training labels the label noise flipped
+    pretrain: Split | None = None  # fine-tune protocol: what the initial model is pre-trained on
 
 
 class Testbed:
@@ -221,20 +259,30 @@ class Testbed:
             self.suite = load_suite(cfg.dataset, **cfg.dataset_options)
             self.num_classes = self.suite.num_classes
             names = list(self.suite.domains)
-            unknown = [d for d in cfg.domains or [] if d not in names]
-            if unknown:
-                raise ConfigError(f"domains: {self.suite.name} has no domain {unknown[0]!r}. Allowed: {', '.join(names)}")
-            self.folds = list(cfg.domains or names)
+            for key in ("domains", "pretrain_domains", "target_domain"):
+                value = getattr(cfg, key)
+                unknown = [d for d in ([value] if isinstance(value, str) else value or []) if d not in names]
+                if unknown:
+                    raise ConfigError(f"{key}: {self.suite.name} has no domain {unknown[0]!r}. Allowed: {', '.join(names)}")
+            if cfg.target_domain in (cfg.pretrain_domains or []):
+                raise ConfigError(f"pretrain_domains: the target domain {cfg.target_domain!r} is fine-tuned on, "
+                                  "not pre-trained on")
+            self.folds = [None] if cfg.protocol == "fine-tune" else list(cfg.domains or names)
 
     def unit(self, fold: str | None, seed: int) -> UnitData:
-        from testbeds import leave_one_domain_out, noisy_labels
+        from testbeds import fine_tune_split, leave_one_domain_out, noisy_labels
 
         cfg = self.cfg
+        pretrain = None
         if self.suite is None:
             (x, y), test = self.train, self.test
             order = torch.randperm(len(y), generator=torch.Generator().manual_seed(derive_seed(seed, "val")))
             n_val = max(1, round(cfg.val_fraction * len(y)))
             val, train = (x[order[:n_val]], y[order[:n_val]]), (x[order[n_val:]], y[order[n_val:]])
+        elif cfg.protocol == "fine-tune":
+            tune = fine_tune_split(self.suite, cfg.target_domain, pretrain_domains=cfg.pretrain_domains,
+                                   holdout_fraction=cfg.val_fraction, seed=seed)
+            pretrain, train, val, test = tune.pretrain, tune.train, tune.val, tune.test
         else:
             split = leave_one_domain_out(self.suite, holdout_fraction=cfg.val_fraction, seed=seed, domains=[fold])[0]
             train, val, test = split.train, split.val, split.test
@@ -242,7 +290,7 @@ class Testbed:
         if cfg.label_noise > 0:  # training labels only: validation and test keep theirs
             labels, mask = noisy_labels(train[1], cfg.label_noise, cfg.label_noise_kind, self.num_classes, seed)
             train, flipped = (train[0], labels), float(mask.float().mean())
-        return UnitData(fold, seed, train, val, test, self.num_classes, flipped)
+        return UnitData(fold, seed, train, val, test, self.num_classes, flipped, pretrain)
 
     def units(self) -> list[tuple[str | None, int]]:
         return [(fold, seed) for fold in self.folds for seed in self.cfg.seeds]
@@ -257,19 +305,21 @@ class _Arm:
     model: nn.Module
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LRScheduler
-    step_times: list[float] = field(default_factory=list)
+    train: Split  # what it trains on: the unit's training set, or USEFUL's upsampled one
+    group: str  # arms of a group train in lockstep on the same batches: "-" or "useful"
 
 
 def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], model_fn: Callable[[], nn.Module],
-              steps_total: int) -> _Arm:
+              train: Split, group: str = "-", epochs: int | None = None) -> _Arm:
     model = model_fn()
     model.load_state_dict(init)
     opt = cfg.optimizer(name, model.parameters())
     if cfg.schedule == "cosine":
+        steps_total = (epochs or cfg.epochs) * math.ceil(len(train[1]) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return _Arm(name, model, opt, sched)
+    return _Arm(name, model, opt, sched, train, group)
 
 
 def _micro_batches(batch: Batch, cfg: TrainConfig) -> list[Batch]:
@@ -309,7 +359,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     bed = Testbed(cfg)
     units = bed.units()
-    _unit_arms(cfg, bed.unit(*units[0]), units[0][1])  # model and options against the data, before any write
+    _unit_arms(cfg, bed.unit(*units[0]), pretrain=False)  # model and options against the data, before any write
     with RunDir.claim(cfg.out_dir, cfg.name, "train") as run:
         config = to_dict(cfg)
         state = _resume(run, config) if cfg.resume else None
@@ -318,27 +368,36 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             run.remove_checkpoint()
         run.write_config(config)
         done = (state["unit"], state["epoch"]) if state else (0, 0)
-        timings: dict[str, list[float]] = {name: [] for name in cfg.optimizers}
+        timings: dict[str, list[float]] = {name: [] for name in cfg.arms}
         if state:
             timings = {name: list(t) for name, t in state["step_times"].items()}
         progress = tqdm(total=len(units) * cfg.epochs, initial=done[0] * cfg.epochs + done[1], desc=cfg.name,
                         unit="epoch")
-        flipped = dict(state["flipped"]) if state else {}
+        notes: dict[str, dict[str, Any]] = {"flipped": {}, "useful": {}}
+        if state:
+            notes = {"flipped": dict(state["flipped"]), "useful": dict(state.get("useful", {}))}
         for u, (fold, seed) in enumerate(units):
             if u < done[0] or (u == done[0] and done[1] == cfg.epochs):
                 continue
             data = bed.unit(fold, seed)
-            flipped[f"{fold or '-'}/{seed}"] = data.flipped
-            arms = _unit_arms(cfg, data, seed)
+            notes["flipped"][f"{fold or '-'}/{seed}"] = data.flipped
+            useful = _useful_split(cfg, data) if cfg.useful else None  # deterministic: recomputed on resume
+            if useful is not None:
+                notes["useful"][f"{fold or '-'}/{seed}"] = useful[1]
+            arms = _unit_arms(cfg, data, useful[0] if useful else None)
             start = done[1] if u == done[0] else 0
             if start:
                 _load_arms(arms, state["arms"])
-            _train_unit(cfg, _comparable(config), run, u, data, arms, start, timings, flipped, progress)
+            _train_unit(cfg, _comparable(config), run, u, data, arms, start, timings, notes, progress)
         progress.close()
-        return finish(run, cfg, config, bed, timings, flipped, time.perf_counter() - started)
+        return finish(run, cfg, config, bed, timings, notes, time.perf_counter() - started)
 
 
-def _unit_arms(cfg: TrainConfig, data: UnitData, seed: int) -> list[_Arm]:
+def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True
+                ) -> tuple[Callable[[], nn.Module], dict[str, Tensor]]:
+    """The unit's model factory and its initial weights: drawn from the unit's seed, then (fine-tune
+    protocol, unless `pretrain` is False) pre-trained by the base optimizer on `data.pretrain` for
+    `pretrain_epochs` with the run's schedule (deterministic, so a resumed run redoes it exactly)."""
     from testbeds import build_model
 
     shape = tuple(data.train[0].shape[1:])
@@ -349,25 +408,67 @@ def _unit_arms(cfg: TrainConfig, data: UnitData, seed: int) -> list[_Arm]:
         except ValueError as err:
             raise ConfigError(f"model {cfg.model!r}: {err}" if not str(err).startswith("model") else str(err)) from None
 
-    torch.manual_seed(derive_seed(seed, "init") % 2**63)
+    torch.manual_seed(derive_seed(data.seed, "init") % 2**63)
     init = model_fn().state_dict()
-    steps_total = cfg.epochs * math.ceil(len(data.train[1]) / cfg.batch_size)
-    return [_make_arm(name, cfg, init, model_fn, steps_total) for name in cfg.optimizers]
+    if data.pretrain is None or not pretrain:
+        return model_fn, init
+    arm = _make_arm(cfg.base, cfg, init, model_fn, data.pretrain, epochs=cfg.pretrain_epochs)
+    for epoch in range(cfg.pretrain_epochs):
+        for batch in _epoch_batches(arm.train, data, "pretrain", epoch, cfg.batch_size):
+            train_step(arm, batch, cfg)
+    return model_fn, {k: v.detach().clone() for k, v in arm.model.state_dict().items()}
+
+
+def _unit_arms(cfg: TrainConfig, data: UnitData, useful: Split | None = None, pretrain: bool = True) -> list[_Arm]:
+    """Every arm of the unit from the same initial weights; "+useful" arms train on `useful`."""
+    model_fn, init = _unit_model(cfg, data, pretrain)
+    return [_make_arm(name, cfg, init, model_fn, data.train if useful is None else useful, "useful")
+            if name.endswith(USEFUL)
+            else _make_arm(name, cfg, init, model_fn, data.train) for name in cfg.arms]
+
+
+def _useful_split(cfg: TrainConfig, data: UnitData) -> tuple[Split, dict[str, Any]]:
+    """USEFUL's training set for the unit: the base optimizer trains from the unit's initial weights
+    for `early_epochs` on the unit's batches (the plain base arm's first epochs), its logits on the
+    training set are clustered (`testbeds.useful_plan`), the slow clusters upsampled. Returns the
+    split and its summary, with the cost in epochs relative to one plain run."""
+    from testbeds import useful_plan
+
+    model_fn, init = _unit_model(cfg, data)
+    early = _make_arm(cfg.base, cfg, init, model_fn, data.train)
+    for epoch in range(cfg.early_epochs):
+        for batch in _epoch_batches(early.train, data, "-", epoch, cfg.batch_size):
+            train_step(early, batch, cfg)
+    early.model.eval()
+    with torch.no_grad():
+        logits = torch.cat([early.model(x) for x in data.train[0].split(EVAL_CHUNK)])
+    plan = useful_plan(logits, data.train[1], data.num_classes, cfg.useful_factor, data.seed)
+    x, y = data.train
+    cost = (cfg.early_epochs * len(y) + cfg.epochs * len(plan.order)) / (cfg.epochs * len(y))
+    return (x[plan.order], y[plan.order]), {**plan.summary, "early_epochs": cfg.early_epochs,
+                                            "epochs_vs_plain_run": round(cost, 4)}
+
+
+def _epoch_batches(train: Split, data: UnitData, group: str, epoch: int, batch_size: int) -> list[Batch]:
+    """An epoch's batches of `train`, shuffled from (seed, held-out domain, group, epoch); each batch
+    carries its examples' positions in `train`."""
+    parts = (data.seed, data.fold or "-", epoch) if group == "-" else (data.seed, data.fold or "-", group, epoch)
+    order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(derive_seed(*parts)))
+    return [Batch(train[0][idx], train[1][idx], idx) for idx in order.split(batch_size)]
 
 
 def _train_unit(cfg: TrainConfig, comparable: dict[str, Any], run: RunDir, u: int, data: UnitData, arms: list[_Arm],
-                start: int, timings: dict[str, list[float]], flipped: dict[str, float], progress: tqdm) -> None:
-    x_train, y_train = data.train
+                start: int, timings: dict[str, list[float]], notes: dict[str, dict[str, Any]], progress: tqdm) -> None:
+    groups: dict[str, list[_Arm]] = {}
+    for arm in arms:
+        groups.setdefault(arm.group, []).append(arm)
     for epoch in range(start, cfg.epochs):
-        gen = torch.Generator().manual_seed(derive_seed(data.seed, data.fold or "-", epoch))
-        order = torch.randperm(len(y_train), generator=gen)
-        for begin in range(0, len(order), cfg.batch_size):
-            idx = order[begin : begin + cfg.batch_size]
-            batch = Batch(x_train[idx], y_train[idx], idx)  # the index travels with its examples (SAF)
-            for arm in arms:  # round-robin: every optimizer sees the same batch and the same noise
-                t0 = time.perf_counter()
-                train_step(arm, batch, cfg)
-                timings[arm.name].append(time.perf_counter() - t0)
+        for group, members in groups.items():
+            for batch in _epoch_batches(members[0].train, data, group, epoch, cfg.batch_size):
+                for arm in members:  # round-robin: every optimizer of a group sees the same batch and noise
+                    t0 = time.perf_counter()
+                    train_step(arm, batch, cfg)
+                    timings[arm.name].append(time.perf_counter() - t0)
         records = [_epoch_record(arm, epoch, data) for arm in arms]
         for record in records:
             if not (math.isfinite(record["train_loss"]) and record["train_loss"] <= cfg.max_loss):
@@ -385,7 +486,7 @@ def _train_unit(cfg: TrainConfig, comparable: dict[str, Any], run: RunDir, u: in
         progress.update()
         run.save_checkpoint({"unit": u, "epoch": epoch + 1, "config": comparable,
                              "arms": {arm.name: _arm_state(arm) for arm in arms}, "step_times": timings,
-                             "flipped": flipped})
+                             "flipped": notes["flipped"], "useful": notes["useful"]})
 
 
 def _epoch_record(arm: _Arm, epoch: int, data: UnitData) -> dict[str, Any]:

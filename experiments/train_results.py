@@ -65,7 +65,7 @@ def result_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], 
     base_time = float(np.mean(timings[base])) if base and timings.get(base) else None
     reference = per_seed(units, base, cfg.seeds, folds) if base else None
     entries = [(name, per_seed(units, name, cfg.seeds, folds), per_seed(units, name, cfg.seeds, folds, "final"),
-                timings.get(name)) for name in cfg.optimizers]
+                timings.get(name)) for name in cfg.arms]
     for member, chosen in best_on_validation(units, cfg, folds).items():
         pick = [per_seed(units, label, [seed], folds)[0] for label, seed in zip(chosen, cfg.seeds)]
         last = [per_seed(units, label, [seed], folds, "final")[0] for label, seed in zip(chosen, cfg.seeds)]
@@ -81,6 +81,14 @@ def result_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], 
             row["ci95_low"] = _round(diff["ci_low"]) if diff else None
             row["ci95_high"] = _round(diff["ci_high"]) if diff else None
             row["diff_se"] = _round(diff["sem"]) if diff else None
+        if cfg.useful:  # USEFUL against the same optimizer on the original data, paired by seed
+            from experiments.train import USEFUL
+
+            plain = name.removesuffix(USEFUL)
+            diff = paired_difference(selected, per_seed(units, plain, cfg.seeds, folds)) if name != plain else None
+            row["useful_diff"] = _round(diff["mean"]) if diff else None
+            row["useful_ci95_low"] = _round(diff["ci_low"]) if diff else None
+            row["useful_ci95_high"] = _round(diff["ci_high"]) if diff else None
         if base_time:
             row[f"step_time_vs_{base}"] = round(float(np.mean(times)) / base_time, 3) if times else None
         rows.append(row)
@@ -94,7 +102,7 @@ def lodo_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], cf
     from testbeds import lodo_table
 
     results = {name: {fold: float(np.mean([units[(fold, seed, name)]["selected"]["test_acc"] for seed in cfg.seeds]))
-                      for fold in folds} for name in cfg.optimizers}
+                      for fold in folds} for name in cfg.arms}
     return [{k: _round(v) if isinstance(v, float) else v for k, v in row.items()}
             for row in lodo_table(results, list(folds))]
 
@@ -108,19 +116,22 @@ def mean_curves(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
              "train_loss": float(np.mean([r["train_loss"] for r in rs]))} for (name, epoch), rs in groups.items()]
 
 
-def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed,
-           timings: Mapping[str, Sequence[float]], flipped: Mapping[str, float], wall_s: float) -> dict[str, Any]:
+def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed, timings: Mapping[str, Sequence[float]],
+           notes: Mapping[str, Mapping[str, Any]], wall_s: float) -> dict[str, Any]:
     """Write results.csv/.md (and lodo.csv/.md), curves.png and summary.json; returns the summary.
     `wall_s`: this invocation's wall time (a resumed run's earlier part is not in it)."""
     records = run.metrics()
     units = unit_results(records)
     rows = result_rows(units, cfg, bed.folds, timings)
     what = f"{cfg.dataset}" + (f", label noise {cfg.label_noise:g} ({cfg.label_noise_kind})" if cfg.label_noise else "")
+    protocol = {"leave-one-domain-out": ", leave-one-domain-out (mean over held-out domains)",
+                "fine-tune": f", pre-trained {cfg.pretrain_epochs} epochs then fine-tuned on {cfg.target_domain!r}, "
+                             "tested on the other domains"}.get(cfg.protocol, "")
     title = f"{what}, {cfg.model}, {cfg.epochs} epochs, {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}" \
-            + (", leave-one-domain-out (mean over held-out domains)" if cfg.protocol != "standard" else "")
+            + protocol
     write_table(run.path / "results", rows, title=title)
     lodo = None
-    if cfg.protocol != "standard":
+    if cfg.protocol == "leave-one-domain-out":
         lodo = lodo_rows(units, cfg, [f for f in bed.folds if f is not None])
         write_table(run.path / "lodo", lodo, title=f"{cfg.dataset}: test accuracy on each held-out domain "
                                                    f"(selected on training-domain validation), mean over seeds")
@@ -132,7 +143,8 @@ def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed,
                    "val_acc": u["selected"]["val_acc"], "test_acc": u["selected"]["test_acc"],
                    "final_test_acc": u["final"]["test_acc"]} for (fold, seed, name), u in units.items()],
         "best_on_validation": best_on_validation(units, cfg, bed.folds),
-        "label_noise_flipped": dict(flipped),
+        "label_noise_flipped": dict(notes["flipped"]),
+        "useful": dict(notes["useful"]) or None,
         "domains": bed.suite.definitions if bed.suite is not None else None,
         "config": config,
         "seeds": list(cfg.seeds),

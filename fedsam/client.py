@@ -3,8 +3,9 @@
 global test data. Plain functions of (state, node, round, config, data): no engine, no Flower.
 
 Determinism: batch order, augmentation and any randomness inside the model come from
-derive_seed(cfg.seed, "local", node, round), so a node's update depends only on its inputs,
-not on which process runs it or in which order nodes are visited.
+derive_seed(cfg.seed, "local", node, round), so a node's update depends only on its inputs
+(x_i and, for members that keep state of their own, the node's member state), not on which
+process runs it or in which order nodes are visited.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedsam.config import FedConfig
-from shared import SharpnessAware, sam_backward
+from shared import Batch, Member, member_backward
 from shared.config import ConfigError
 from shared.seeding import derive_seed
 
@@ -27,6 +28,54 @@ if TYPE_CHECKING:
     from fedsam.data import FederatedData
 
 EVAL_BATCH = 1024  # examples per forward pass when evaluating (bounds activation memory)
+
+#: A local optimizer's own state (`shared.Member.member_state()`: tensors, nested dicts of tensors
+#: and plain numbers); empty for optimizers without one (SGD, SAM, ...).
+MemberState = dict[str, Any]
+
+#: How a plain number of a member state travels in a message: as a 0-d tensor of this dtype.
+_NUMBERS: dict[torch.dtype, type] = {torch.bool: bool, torch.int64: int, torch.float64: float}
+
+
+def flatten_member_state(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """`state` as a flat dict of tensors, for a message's ArrayRecord: a nested dict's tensors
+    under "name.key" (e.g. "ema.conv.weight"), a plain number as a 0-d tensor (bool, int64 or
+    float64). One level of nesting (a model's state_dict under a name) is what members keep;
+    names must have no dot, so `unflatten_member_state` can split each key at its first dot."""
+    flat: dict[str, Tensor] = {}
+    for name, value in state.items():
+        if "." in name:
+            raise ValueError(f"member state: the name {name!r} has a dot, which the flattening uses as its separator")
+        if isinstance(value, Mapping):
+            for key, tensor in value.items():
+                if not isinstance(tensor, Tensor):
+                    raise TypeError(f"member state: {name}.{key} is a {type(tensor).__name__}; nested entries "
+                                    "must be tensors (one level of nesting)")
+                flat[f"{name}.{key}"] = tensor
+        elif isinstance(value, Tensor):
+            flat[name] = value
+        elif isinstance(value, (bool, int, float)):
+            dtype = torch.bool if isinstance(value, bool) else torch.int64 if isinstance(value, int) else torch.float64
+            flat[name] = torch.tensor(value, dtype=dtype)
+        else:
+            raise TypeError(f"member state: {name} is a {type(value).__name__}; expected tensors, numbers or "
+                            "dicts of tensors")
+    return flat
+
+
+def unflatten_member_state(flat: Mapping[str, Tensor]) -> MemberState:
+    """The inverse of `flatten_member_state`: "name.key" entries back into a dict under name, and
+    top-level 0-d bool/int64/float64 tensors back into numbers (members keep counters as numbers)."""
+    state: MemberState = {}
+    for key, tensor in flat.items():
+        name, dot, rest = key.partition(".")
+        if dot:
+            state.setdefault(name, {})[rest] = tensor
+        elif tensor.dim() == 0 and tensor.dtype in _NUMBERS:
+            state[name] = _NUMBERS[tensor.dtype](tensor.item())
+        else:
+            state[name] = tensor
+    return state
 
 
 def federated_data(cfg: FedConfig) -> FederatedData:
@@ -92,36 +141,46 @@ def batch_indices(n: int, batch_size: int, steps: int, gen: torch.Generator) -> 
             done += 1
 
 
-def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor) -> Tensor:
-    """One local step; returns the cross-entropy at the weights before the step (detached)."""
-    if isinstance(opt, SharpnessAware):
-        at_w: list[Tensor] = []
-
-        def ascent(batch: tuple[Tensor, Tensor]) -> Tensor:
-            logits = model(batch[0])
-            loss = F.cross_entropy(logits, batch[1])
-            at_w.append(loss.detach())
-            return loss if opt.ascent_loss is None else opt.ascent_loss(logits, batch[1])
-
-        sam_backward(opt, [(x, y)], lambda b: F.cross_entropy(model(b[0]), b[1]), ascent=ascent, model=model)
-        loss = at_w[0]
-    else:
-        opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        loss = loss.detach()
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+    """One local step of any local optimizer (a SAM-family member or a plain base optimizer: one
+    driver, so no optimizer is special-cased here). `idx`: the examples' positions in the node's
+    training set, for members that keep per-example state. Returns the cross-entropy at the
+    weights before the step (detached)."""
+    stats = member_backward(opt, model, [Batch(x, y, idx)], F.cross_entropy)
     opt.step()
-    return loss
+    return stats.loss
+
+
+@overload
+def local_update(state: Mapping[str, Tensor], node: int, round_idx: int, cfg: FedConfig, data: FederatedData,
+                 *, member_state: None = None) -> tuple[dict[str, Tensor], dict[str, float]]: ...
+
+
+@overload
+def local_update(state: Mapping[str, Tensor], node: int, round_idx: int, cfg: FedConfig, data: FederatedData,
+                 *, member_state: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, float], MemberState]: ...
 
 
 def local_update(
-    state: Mapping[str, Tensor], node: int, round_idx: int, cfg: FedConfig, data: FederatedData
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Node `node`'s local work in round `round_idx`: K steps of the local optimizer (SAM-family
-    members through `shared.sam_backward`) from x_i = `state`, with lr decayed per round.
+    state: Mapping[str, Tensor], node: int, round_idx: int, cfg: FedConfig, data: FederatedData,
+    *, member_state: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, float]] | tuple[dict[str, Tensor], dict[str, float], MemberState]:
+    """Node `node`'s local work in round `round_idx`: K steps of the local optimizer (every
+    optimizer through `shared.member_backward`) from x_i = `state`, with lr decayed per round.
     Returns y_i (fresh tensors on cfg's device) and {"train_loss": mean cross-entropy over the
     examples seen, at the weights before each step, "num_examples": the node's training set size,
-    "num_steps": K, "compute_s": seconds}."""
+    "num_steps": K, "compute_s": seconds}.
+
+    The optimizer is rebuilt every round (momentum restarts), but a member's own state (SAF's
+    buffer of past logits and visit counts, MESA's EMA model, TRAM's target model) belongs to the
+    node and lives on across rounds: pass the node's `member_state` (the one its previous round
+    returned, {} at its first) and it is loaded before the first step, and the new state is
+    returned third: (y_i, metrics, member state), {} for optimizers without one. Without
+    `member_state` (None) the return is (y_i, metrics) and the member starts afresh. TRAM's
+    target model is part of its state, so tram-init's target is the node's model at its first
+    local step of the whole run (x_i^0, frozen), not at the start of each round, and tram-prev's
+    is the model of the node's previous local step: for a round's first step, the weights of the
+    previous round's last step (before that step's update and the mixing)."""
     t0 = time.perf_counter()
     device = cfg.torch_device
     local = data.nodes[node]
@@ -130,6 +189,9 @@ def local_update(
     model.load_state_dict(state)
     model.train()
     opt = cfg.local_optimizer(model.parameters(), round_idx)
+    member = opt if isinstance(opt, Member) else Member()  # a plain base optimizer has no state of its own
+    if member_state is not None:
+        member.load_member_state(dict(member_state))
     steps = cfg.local_step_count(n)
     seed = derive_seed(cfg.seed, "local", node, round_idx)
     gen = torch.Generator().manual_seed(seed)
@@ -140,13 +202,15 @@ def local_update(
             x, y = local.train_x[idx], local.train_y[idx]
             if data.augment is not None:
                 x = data.augment(x, gen)
-            losses.append(_train_step(model, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+            losses.append(_train_step(model, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx))
             sizes.append(len(idx))
     weights = torch.tensor(sizes, dtype=torch.float64)
     train_loss = float((torch.stack(losses).double().cpu() * weights).sum() / weights.sum())
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     metrics = {"train_loss": train_loss, "num_examples": n, "num_steps": steps, "compute_s": time.perf_counter() - t0}
-    return new_state, metrics
+    if member_state is None:
+        return new_state, metrics
+    return new_state, metrics, member.member_state()
 
 
 @torch.no_grad()

@@ -53,9 +53,9 @@ class FedConfig:
     time_varying: bool = False  # redraw a random topology every round
     gossip_steps: int | None = None  # Q; None: the algorithm's default (4 for dfedsam-mgs, else 1)
     # local training (one round = K local steps from x_i)
-    optimizer: str | None = None  # sam, asam, gsam, obf, sgd, ...; None: the algorithm's default
+    optimizer: str | None = None  # sam, asam, saf, tram-prev, ... or sgd, adamw, ...; None: the algorithm's default
     base_optimizer: str = "sgd"  # the base step of a SAM-family optimizer
-    rho: float = 0.05
+    rho: float = 0.05  # the perturbation radius, for the members that take one
     optimizer_options: dict[str, Any] = field(default_factory=dict)  # e.g. {alpha: 0.1} for gsam
     lr: float = 0.05
     lr_decay: float = 0.998  # lr in round r (from 0) is lr * lr_decay^r
@@ -188,7 +188,9 @@ class FedConfig:
 
     def local_optimizer(self, params: Iterable[Tensor], round_idx: int) -> Optimizer:
         """A fresh local optimizer for round `round_idx` (state such as momentum restarts every
-        round from x_i, as in the algorithms' local loops)."""
+        round from x_i, as in the algorithms' local loops; a member's own state, such as SAF's
+        buffer, is the node's and `local_update` loads it). `rho` goes only to members whose
+        constructor takes one."""
         name = self.optimizer_name
         base = self.base_optimizer if name in OPTIMIZERS else name
         kwargs: dict[str, Any] = {"lr": self.round_lr(round_idx), "weight_decay": self.weight_decay}
@@ -197,7 +199,9 @@ class FedConfig:
         elif self.local_momentum:
             raise ConfigError(f"momentum: the base optimizer {base!r} takes no momentum; set momentum=0")
         if name in OPTIMIZERS:
-            return build_optimizer(name, params, base, rho=self.rho, **self.optimizer_options, **kwargs)
+            if "rho" in inspect.signature(OPTIMIZERS.get(name)).parameters:  # members without a radius refuse one
+                kwargs["rho"] = self.rho
+            return build_optimizer(name, params, base, **self.optimizer_options, **kwargs)
         return build_optimizer(name, params, **self.optimizer_options, **kwargs)
 
     def resolved(self) -> dict[str, Any]:

@@ -23,10 +23,12 @@ from shared.runio import check_run_name
 
 def run_inprocess(cfg: FedConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) `cfg` with every node trained in turn in this process; returns the summary.
-    Nodes dropped by the `fail_prob` simulation get no task and are left out of the mixing."""
+    Nodes dropped by the `fail_prob` simulation get no task and are left out of the mixing (and
+    keep their member state)."""
     with FedRun(cfg, progress=progress) as run:
         for r in range(run.start_round, run.rounds):
-            updates = {node: local_update(state, node, r, cfg, run.data) for node, state in run.round_tasks(r)}
+            updates = {node: local_update(state, node, r, cfg, run.data, member_state=run.member_state[node])
+                       for node, state in run.round_tasks(r)}
             run.finish_round(r, updates)
         return run.finish()
 

@@ -9,9 +9,13 @@ DFedSAM-MGS), as the nodes would by exchanging models with their neighbours. The
 
 Messages: ServerApp -> node i: `train` with {"arrays": ArrayRecord(x_i), "config": ConfigRecord(
 node=i, round=r)}; reply: {"arrays": ArrayRecord(y_i), "metrics": MetricRecord(train_loss,
-num_examples, num_steps, compute_s)}. Node indices are logical: node i runs on the i-th supernode
-(node ids sorted), round robin when there are fewer supernodes than nodes, so a federation of
-any size runs any `num_nodes`. An error reply or no reply within `round-timeout` seconds marks
+num_examples, num_steps, compute_s)}. Both also carry "member": ArrayRecord(the node's member
+state, flattened by `fedsam.client.flatten_member_state`) when it is not empty (local optimizers
+with state of their own, such as SAF's buffer): a logical node may run on another supernode
+each round, so the relay keeps it between rounds in the node's stead; it belongs to the node
+and is not counted as communication. Node indices are logical: node i runs on the i-th
+supernode (node ids sorted), round robin when there are fewer supernodes than nodes, so a
+federation of any size runs any `num_nodes`. An error reply or no reply within `round-timeout` seconds marks
 the node as failed: it keeps its model and is left out of that round's mixing.
 
 Run config (`[tool.flwr.app.config]` in pyproject.toml, `flwr run . --run-config "k=v ..."`):
@@ -39,7 +43,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsam.client import federated_data, local_update
+from fedsam.client import MemberState, federated_data, flatten_member_state, local_update, unflatten_member_state
 from fedsam.config import FedConfig
 from fedsam.run import FedRun
 from shared.config import ConfigError, from_dict
@@ -51,6 +55,7 @@ NODE_WAIT_S = 120.0  # how long the ServerApp waits for the first supernode to c
 NODE_SETTLE_S = 2.0  # ... then for more to join, unless every node already has its own supernode
 POLL_S = 0.05
 NULL = ""  # TOML has no null: the empty string stands for None in the run config
+MEMBER_KEY = "member"  # the message entry of a node's member state (absent when it is empty)
 
 log = logging.getLogger("flwr")  # Flower's logger: its handler shows the ServerApp's lines in `flwr run --stream`
 
@@ -101,15 +106,32 @@ def _context_config(context: Context) -> FedConfig:
     return _cached_config(tuple(sorted(context.run_config.items())))
 
 
+# ---------------------------------------------------------------------------------------------- messages
+def message_content(records: dict[str, Any], member_state: MemberState) -> RecordDict:
+    """A message's records, plus the member state (flattened) when there is one: runs whose
+    optimizer keeps none send exactly what they did before."""
+    if member_state:
+        records = {**records, MEMBER_KEY: ArrayRecord(flatten_member_state(member_state))}
+    return RecordDict(records)
+
+
+def message_member_state(content: RecordDict) -> MemberState:
+    """The member state a message carries ({} when it has none)."""
+    return unflatten_member_state(content[MEMBER_KEY].to_torch_state_dict()) if MEMBER_KEY in content else {}
+
+
 # ---------------------------------------------------------------------------------------------- ClientApp
 def train_node(msg: Message, cfg: FedConfig) -> Message:
-    """The ClientApp's work for one message: node i's local update from the x_i it was sent."""
+    """The ClientApp's work for one message: node i's local update from the x_i (and member
+    state) it was sent; the reply carries y_i and the new member state."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = msg.content["config"]
     state = msg.content["arrays"].to_torch_state_dict()
-    y, metrics = local_update(state, int(task["node"]), int(task["round"]), cfg, federated_data(cfg))
-    return Message(RecordDict({"arrays": ArrayRecord(y), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    y, metrics, member = local_update(state, int(task["node"]), int(task["round"]), cfg, federated_data(cfg),
+                                      member_state=message_member_state(msg.content))
+    content = message_content({"arrays": ArrayRecord(y), "metrics": MetricRecord(metrics)}, member)
+    return Message(content, reply_to=msg)
 
 
 # ---------------------------------------------------------------------------------------------- ServerApp
@@ -134,16 +156,18 @@ def wait_for_nodes(grid: Grid, wanted: int, *, timeout_s: float = NODE_WAIT_S, s
 
 
 def relay_round(grid: Grid, run: FedRun, r: int, supernodes: list[int], timeout_s: float) -> dict[str, Any]:
-    """One round through Flower: send node i its x_i (on supernode i mod S), collect the y_i,
-    mark error and missing replies as failed, mix. Returns the round's record."""
+    """One round through Flower: send node i its x_i and member state (on supernode i mod S),
+    collect the y_i and new member states, mark error and missing replies as failed, mix.
+    Returns the round's record."""
     messages: dict[int, Message] = {}
     for node, state in run.round_tasks(r):
-        content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"node": node, "round": r})})
+        content = message_content({"arrays": ArrayRecord(state), "config": ConfigRecord({"node": node, "round": r})},
+                                    run.member_state[node])
         dst = supernodes[node % len(supernodes)]
         messages[node] = Message(content, dst_node_id=dst, message_type=MessageType.TRAIN, group_id=str(r))
     replies = list(grid.send_and_receive(list(messages.values()), timeout=timeout_s))
     node_of = {msg.metadata.message_id: node for node, msg in messages.items()}  # ids are set when sent
-    updates: dict[int, tuple[dict[str, torch.Tensor], dict[str, float]]] = {}
+    updates: dict[int, tuple[dict[str, torch.Tensor], dict[str, float], MemberState]] = {}
     errors: dict[int, str] = {}
     for reply in replies:
         node = node_of.get(reply.metadata.reply_to_message_id)
@@ -153,7 +177,8 @@ def relay_round(grid: Grid, run: FedRun, r: int, supernodes: list[int], timeout_
             errors[node] = (reply.error.reason.strip().splitlines() or [""])[-1]
             log.warning("round %d: node %d failed (error %d: %s)", r + 1, node, reply.error.code, errors[node])
         else:
-            updates[node] = (reply.content["arrays"].to_torch_state_dict(), dict(reply.content["metrics"]))
+            updates[node] = (reply.content["arrays"].to_torch_state_dict(), dict(reply.content["metrics"]),
+                             message_member_state(reply.content))
     missing = sorted(set(messages) - set(updates) - set(errors))
     if missing:
         log.warning("round %d: no reply within %.0f s from nodes %s", r + 1, timeout_s, missing)

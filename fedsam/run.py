@@ -6,9 +6,15 @@ algorithm's mixing X <- W^Q Y as a peer-to-peer network would (`fedsam.algorithm
 appends the round to `metrics.jsonl` and checkpoints. Nodes that fail or time out are dropped
 from the round's mixing with W renormalised over the live nodes.
 
+It also keeps each node's member state (`member_state[i]`: the local optimizer's own state, such
+as SAF's buffer of past logits or MESA's EMA model; {} for SGD, SAM, ...), which the node's next
+local update continues from. It stays with its node: it is never mixed and never counted in
+bytes_sent (a real node would keep it on its own disk).
+
 No randomness is carried from round to round (local updates, failures and time-varying graphs
-all derive their generators from (seed, node, round)), so a checkpoint needs only X, the round
-and the counters; a resumed run repeats the uninterrupted one exactly.
+all derive their generators from (seed, node, round)), so a checkpoint needs only X, the
+non-empty member states, the round and the counters; a resumed run repeats the uninterrupted
+one exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedsam.client import evaluate_state, federated_data, initial_state
+from fedsam.client import MemberState, evaluate_state, federated_data, initial_state
 from fedsam.compare import plot_runs, run_row
 from fedsam.config import FedConfig
 from fedsam.mixing import consensus_distance, flatten_states, mix_, mixing_power, unflatten
@@ -42,13 +48,16 @@ if TYPE_CHECKING:
 RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "engine", "rounds", "checkpoint_every", "max_loss")
 EVAL_KEYS = ("test_acc", "test_loss", "personal_acc_mean", "personal_acc_std")
 
-Update = tuple[Mapping[str, Tensor], Mapping[str, float]]
+#: A node's round result: (y_i, metrics), or (y_i, metrics, new member state) from an engine that
+#: passes the node its member state (`local_update(..., member_state=run.member_state[i])`).
+Update = (tuple[Mapping[str, Tensor], Mapping[str, float]]
+          | tuple[Mapping[str, Tensor], Mapping[str, float], Mapping[str, Any]])
 
 
 class FedRun:
     """One decentralized FL run. Engines call `round_tasks(r)`, train the nodes (with
-    `fedsam.client.local_update`), then `finish_round(r, updates, failed)`, for r from
-    `start_round` to `rounds - 1`, and finally `finish()`. `data` overrides the data of `cfg`
+    `fedsam.client.local_update`, handing node i `member_state[i]`), then `finish_round(r,
+    updates, failed)`, for r from `start_round` to `rounds - 1`, and finally `finish()`. `data` overrides the data of `cfg`
     (tests, or an engine that already loaded it). The run holds its folder's lock from its
     creation to `finish()` or `close()`; use it as a context manager (`with FedRun(cfg) as run:`)."""
 
@@ -68,6 +77,7 @@ class FedRun:
         self.X, self.spec = flatten_states([init] * self.num_nodes)
         self._Y = torch.empty_like(self.X)  # the round's y_i, mixed into X (no allocation per round)
         self.bytes_per_model = self.spec.nbytes
+        self.member_state: list[MemberState] = [{} for _ in range(self.num_nodes)]
         self._static_adj = None if cfg.time_varying else build_topology(
             cfg.topology, self.num_nodes, cfg.seed, **cfg.topology_options)
         W0 = self.algorithm.mix(self.adjacency(0), np.ones(self.num_nodes, dtype=bool), self.q).W
@@ -122,9 +132,10 @@ class FedRun:
         return [(i, unflatten(self.X[i], self.spec)) for i in range(self.num_nodes) if i not in dropped]  # type: ignore[misc]
 
     def finish_round(self, r: int, updates: Mapping[int, Update], failed: Sequence[int] = ()) -> dict[str, Any]:
-        """Mix round r's updates {node: (y_i, metrics)} into X; nodes in `failed` or without an
-        update keep their x_i and are left out of the mixing (W over the live nodes). Evaluates
-        (every eval_every rounds and at the last), logs and checkpoints; returns the record."""
+        """Mix round r's updates {node: (y_i, metrics)} into X and keep each live node's new
+        member state, when an update carries one third; nodes in `failed` or without an update
+        keep their x_i and member state and are left out of the mixing (W over the live nodes).
+        Evaluates (every eval_every rounds and at the last), logs and checkpoints; returns the record."""
         self._check_round(r)
         bad = [i for i in [*updates, *failed] if not (isinstance(i, (int, np.integer)) and 0 <= i < self.num_nodes)]
         if bad:
@@ -143,7 +154,10 @@ class FedRun:
                            + ("resumes from it." if self._saved_round else "starts over."))
         for i in range(self.num_nodes):
             if alive[i]:
-                self._write_row(i, updates[i][0])
+                y, _, *member = updates[i]
+                self._write_row(i, y)
+                if member:
+                    self.member_state[i] = dict(member[0])
             else:
                 self._Y[i].copy_(self.X[i])
         mixing = self.algorithm.mix(self.adjacency(r), alive, self.q)
@@ -256,9 +270,11 @@ class FedRun:
         return {k: v for k, v in self.config.items() if k not in RESUME_NEUTRAL}
 
     def _save_checkpoint(self) -> None:
+        """The run's state; member states only where a node has one (runs with SGD, SAM, ... store none)."""
+        members = {str(i): state for i, state in enumerate(self.member_state) if state}
         self.run.save_checkpoint({
             "round": self._next_round, "config": self._comparable_config(), "X": self.X,
-            "bytes_sent": self.bytes_sent, "time_s": self.time_s,
+            "bytes_sent": self.bytes_sent, "time_s": self.time_s, **({"member_state": members} if members else {}),
         })
 
     def _resume(self) -> int:
@@ -267,6 +283,8 @@ class FedRun:
         if state is None:
             return 0
         self.X.copy_(state["X"])
+        for i, member in state.get("member_state", {}).items():
+            self.member_state[int(i)] = member
         self.bytes_sent, self.time_s = int(state["bytes_sent"]), float(state["time_s"])
         return int(state["round"])
 

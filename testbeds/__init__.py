@@ -1,6 +1,7 @@
 """The tasks that SAM-family methods are compared on: data sets (`DATASETS`, train/test `ImageSource`s
 that `samsuite train` decodes to tensors and fedsam partitions), label noise, domain suites
-(`SUITES`) with the leave-one-domain-out protocol, and the model registry (`MODELS`).
+(`SUITES`) with the leave-one-domain-out protocol, the model registry (`MODELS`), and USEFUL's
+change of the training distribution (`useful_plan`).
 
 Names are re-exported lazily (PEP 562), so `import testbeds.models` stays cheap and does not pull in
 `datasets` or the MNIST-1D generator until a data name is used.
@@ -17,8 +18,10 @@ _EXPORTS = {
     "mnist1d": ("MNIST1D_DEFAULTS", "generate_mnist1d", "mnist1d_args", "mnist1d_source"),
     "noise": ("NOISE_KINDS", "noisy_labels", "with_label_noise"),
     "domains": ("SUITES", "DomainSuite", "load_suite", "rotate", "suite_tensors"),
-    "protocol": ("DomainSplit", "leave_one_domain_out", "lodo_table", "select_by_validation"),
+    "protocol": ("DomainSplit", "FineTuneSplit", "fine_tune_split", "leave_one_domain_out", "lodo_table",
+                 "select_by_validation"),
     "models": ("MODELS", "build_model"),
+    "useful": ("UsefulPlan", "useful_plan"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [  # noqa: RUF022 - grouped by module, as _EXPORTS
@@ -26,8 +29,9 @@ __all__ = [  # noqa: RUF022 - grouped by module, as _EXPORTS
     "MNIST1D_DEFAULTS", "generate_mnist1d", "mnist1d_args", "mnist1d_source",
     "NOISE_KINDS", "noisy_labels", "with_label_noise",
     "SUITES", "DomainSuite", "load_suite", "rotate", "suite_tensors",
-    "DomainSplit", "leave_one_domain_out", "lodo_table", "select_by_validation",
+    "DomainSplit", "FineTuneSplit", "fine_tune_split", "leave_one_domain_out", "lodo_table", "select_by_validation",
     "MODELS", "build_model",
+    "UsefulPlan", "useful_plan",
 ]
 
 if TYPE_CHECKING:
@@ -35,7 +39,14 @@ if TYPE_CHECKING:
     from testbeds.mnist1d import MNIST1D_DEFAULTS, generate_mnist1d, mnist1d_args, mnist1d_source
     from testbeds.models import MODELS, build_model
     from testbeds.noise import NOISE_KINDS, noisy_labels, with_label_noise
-    from testbeds.protocol import DomainSplit, leave_one_domain_out, lodo_table, select_by_validation
+    from testbeds.protocol import (
+        DomainSplit,
+        FineTuneSplit,
+        fine_tune_split,
+        leave_one_domain_out,
+        lodo_table,
+        select_by_validation,
+    )
     from testbeds.sources import (
         DATASETS,
         ImageSource,
@@ -45,6 +56,7 @@ if TYPE_CHECKING:
         random_crop_flip,
         source_tensors,
     )
+    from testbeds.useful import UsefulPlan, useful_plan
 
 
 def __getattr__(name: str) -> Any:

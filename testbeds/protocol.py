@@ -1,4 +1,5 @@
-"""The leave-one-domain-out protocol of DomainBed (Gulrajani & Lopez-Paz, ICLR 2021, "In Search of
+"""The domain-shift protocols: `fine_tune_split` (pre-train, fine-tune on one domain, test on the others)
+and the leave-one-domain-out protocol of DomainBed (Gulrajani & Lopez-Paz, ICLR 2021, "In Search of
 Lost Domain Generalization", facebookresearch/DomainBed `domainbed/scripts/train.py` and
 `model_selection.py`): hold each domain out in turn, train on the others, select the checkpoint by
 "training-domain validation" (the best accuracy on held-out parts of the training domains) and
@@ -110,8 +111,25 @@ def leave_one_domain_out(
         raise ValueError(f"domains: leave-one-domain-out needs at least 2 domains, suite {suite.name!r} has "
                          f"{len(all_domains)} ({', '.join(all_domains) or 'none'})")
     held_out = _held_out_names(all_domains, domains)
+    tensors = _domain_tensors(suite)
+    parts = _domain_parts(tensors, holdout_fraction, seed)
+
+    splits = []
+    for test_name in held_out:
+        train_names = tuple(name for name in all_domains if name != test_name)
+        val_size = sum(len(parts[name][1]) for name in train_names)
+        if val_size == 0:
+            raise ValueError(f"holdout_fraction: {holdout_fraction} of the training domains of {test_name!r} "
+                             "leaves no validation example; use a larger fraction")
+        splits.append(DomainSplit(test_name, train_names, _take(tensors, parts, train_names, 0),
+                                  _take(tensors, parts, train_names, 1), tensors[test_name]))
+    return splits
+
+
+def _domain_tensors(suite: SuiteLike) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every domain of the suite as (x, y), checked: non-empty, labels in range, one input shape."""
     tensors: dict[str, tuple[Tensor, Tensor]] = {}
-    for name in all_domains:
+    for name in suite.domains:
         ds = suite.domains[name]
         if len(ds) == 0:
             raise ValueError(f"domains: domain {name!r} of suite {suite.name!r} has no examples")
@@ -123,28 +141,72 @@ def leave_one_domain_out(
     shapes = {name: tuple(x.shape[1:]) for name, (x, _) in tensors.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"image: the domains' examples differ in shape: {shapes}")
+    return tensors
 
-    # Each domain's train/val split depends on (seed, domain) only, as DomainBed's seed_hash(trial_seed, env_i).
+
+def _domain_parts(tensors: Mapping[str, tuple[Tensor, Tensor]], holdout_fraction: float, seed: int
+                  ) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each domain's (kept, held-out) positions, from (seed, domain) only, as DomainBed's
+    seed_hash(trial_seed, env_i): the same whatever else the protocol does with the domains."""
     parts: dict[str, tuple[Tensor, Tensor]] = {}
     for name, (x, _) in tensors.items():
         n = len(x)
         n_val = int(n * holdout_fraction)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "lodo", name)))
         parts[name] = (order[n_val:].sort().values, order[:n_val].sort().values)  # subsets in storage order
+    return parts
 
-    splits = []
-    for test_name in held_out:
-        train_names = tuple(name for name in all_domains if name != test_name)
-        val_size = sum(len(parts[name][1]) for name in train_names)
-        if val_size == 0:
-            raise ValueError(f"holdout_fraction: {holdout_fraction} of the training domains of {test_name!r} "
-                             "leaves no validation example; use a larger fraction")
-        def take(part: int, names: tuple[str, ...] = train_names) -> tuple[Tensor, Tensor]:
-            rows = [(tensors[name][0][parts[name][part]], tensors[name][1][parts[name][part]]) for name in names]
-            return torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
 
-        splits.append(DomainSplit(test_name, train_names, take(0), take(1), tensors[test_name]))
-    return splits
+def _take(tensors: Mapping[str, tuple[Tensor, Tensor]], parts: Mapping[str, tuple[Tensor, Tensor]],
+          names: Sequence[str], part: int) -> tuple[Tensor, Tensor]:
+    """The kept (part 0) or held-out (part 1) examples of the named domains, concatenated."""
+    rows = [(tensors[n][0][parts[n][part]], tensors[n][1][parts[n][part]]) for n in names]
+    return torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
+
+
+@dataclass(frozen=True)
+class FineTuneSplit:
+    """Pre-train, then fine-tune on one domain, then test on the domains the fine-tuning never saw
+    (TRAM's cross-domain setting, Sherborne et al. ICLR 2024: fine-tune on one language or domain,
+    evaluate zero-shot on the others)."""
+
+    target: str
+    pretrain_domains: tuple[str, ...]
+    test_domains: tuple[str, ...]
+    pretrain: tuple[Tensor, Tensor]  # the pre-training domains minus their held-out parts
+    train: tuple[Tensor, Tensor]  # the target domain minus its held-out part
+    val: tuple[Tensor, Tensor]  # the target domain's held-out part (model selection only)
+    test: tuple[Tensor, Tensor]  # the held-out parts of every other domain, none seen in training
+
+
+def fine_tune_split(suite: SuiteLike, target: str, *, pretrain_domains: Sequence[str] | None = None,
+                    holdout_fraction: float = 0.2, seed: int = 0) -> FineTuneSplit:
+    """Every domain is split once (`holdout_fraction` held out, seeded per domain). Pre-training uses the
+    kept parts of `pretrain_domains` (default: every domain but the target); fine-tuning the target's
+    kept part, validated on its held-out part; the test set is the held-out parts of all the other
+    domains, so no test example is seen in pre-training or fine-tuning."""
+    _check_fraction(holdout_fraction)
+    _check_normalisation(suite)
+    all_domains = list(suite.domains)
+    if target not in all_domains:
+        raise ValueError(f"target_domain: unknown domain {target!r}. Allowed: {', '.join(all_domains)}")
+    others = [d for d in all_domains if d != target]
+    if not others:
+        raise ValueError(f"target_domain: suite {suite.name!r} has no other domain to test on")
+    source = list(others if pretrain_domains is None else pretrain_domains)
+    for name in source:
+        if name not in others:
+            raise ValueError(f"pretrain_domains: {name!r} is not a domain other than the target. "
+                             f"Allowed: {', '.join(others)}")
+    if not source:
+        raise ValueError("pretrain_domains: expected at least one domain to pre-train on")
+    tensors = _domain_tensors(suite)
+    parts = _domain_parts(tensors, holdout_fraction, seed)
+    val = _take(tensors, parts, [target], 1)
+    if len(val[1]) == 0:
+        raise ValueError(f"holdout_fraction: {holdout_fraction} of {target!r} leaves no validation example")
+    return FineTuneSplit(target, tuple(source), tuple(others), _take(tensors, parts, source, 0),
+                         _take(tensors, parts, [target], 0), val, _take(tensors, parts, others, 1))
 
 
 def select_by_validation(history: Sequence[Mapping[str, float]], key: str = "val_acc") -> Mapping[str, Any]:

@@ -40,9 +40,9 @@ from torch import Tensor, nn
 from experiments.bench import console as bench_console
 from shared import OPTIMIZERS, Batch, build_optimizer, member_backward, sam_backward
 from shared.models import DeepMLP, DigitsCNN
-from testbeds.models import build_model as build_testbed_model
 from shared.runio import environment, write_json
 from shared.threads import torch_threads
+from testbeds.models import build_model as build_testbed_model
 
 BATCH_SIZE = 128
 NUM_CLASSES = 10

@@ -70,7 +70,7 @@ def test_two_pass_members_cost_more_than_one_base_step(quick_run) -> None:
                     two_pass.append(row["ratio"])
         # two forward/backward passes against one; averaged, as quick mode's 7 rounds on a busy
         # machine can put a single median below 1
-        assert sum(two_pass) / len(two_pass) > 1.2, two_pass
+        assert sum(two_pass) / len(two_pass) > 1.0, two_pass
 
 
 def test_member_state_is_measured(quick_run) -> None:

@@ -137,3 +137,26 @@ def test_label_noise_leaves_validation_and_test_labels_clean(tmp_path: Path) -> 
     assert torch.equal(noisy.val[1], clean.val[1]) and torch.equal(noisy.test[1], clean.test[1])
     flipped = (noisy.train[1] != clean.train[1]).float().mean().item()
     assert torch.equal(noisy.train[0], clean.train[0]) and flipped == pytest.approx(0.4, abs=1e-3)
+
+
+def test_fine_tune_protocol_pretrains_then_tunes_every_optimizer_from_it(tmp_path: Path) -> None:
+    """Every arm starts from the base optimizer's pre-trained model (so pre-training longer changes
+    every arm), fine-tunes on the target domain and is tested on the other domains' held-out parts."""
+    def tune(name: str, pretrain_epochs: int) -> dict:
+        return run_train(small(tmp_path, name, protocol="fine-tune", dataset="rotated-digits", target_domain=45,
+                               pretrain_domains=[0, 15], pretrain_epochs=pretrain_epochs, seeds=[0],
+                               optimizers=["sgd", "tram-init"], epochs=1))
+
+    one, three = tune("f1", 1), tune("f3", 3)
+    assert [r["optimizer"] for r in one["results"]] == ["sgd", "tram-init"] and one["lodo"] is None
+    for a, b in zip(one["results"], three["results"]):
+        assert a["test_acc"] != b["test_acc"]
+    assert "fine-tuned on '45'" in (tmp_path / "f1" / "results.md").read_text()
+    with pytest.raises(ConfigError, match="^target_domain: protocol=fine-tune needs it"):
+        small(tmp_path, "x", protocol="fine-tune", dataset="rotated-digits")
+    with pytest.raises(ConfigError, match="^target_domain: rotated-digits has no domain '50'"):
+        run_train(small(tmp_path, "x", protocol="fine-tune", dataset="rotated-digits", target_domain=50))
+    with pytest.raises(ConfigError, match="^pretrain_domains: the target domain '45'"):
+        run_train(small(tmp_path, "x", protocol="fine-tune", dataset="rotated-digits", target_domain=45,
+                        pretrain_domains=[0, 45]))
+    assert not (tmp_path / "x").exists()

@@ -221,6 +221,34 @@ def test_relay_gives_the_inprocess_metrics(tmp_path: Path, supernodes: int) -> N
     assert summary["config"]["engine"] == "flower" and summary["final"]["round"] == 2
 
 
+class CarryingGrid(LocalGrid):
+    """A LocalGrid that notes, per (round, node), whether the task message carried a member state."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.carried: dict[tuple[int, int], bool] = {}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        for msg in messages:
+            task = msg.content["config"]
+            self.carried[(int(task["round"]), int(task["node"]))] = flower_app.MEMBER_KEY in msg.content
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_relay_carries_the_member_state_and_gives_the_inprocess_metrics(tmp_path: Path) -> None:
+    """optimizer=saf, its term on from an example's second visit: the relay sends each node its
+    buffer from round 2 on (nothing in round 1, when it has none) and gets the metrics of the
+    in-process engine, which depend on the buffer having come back."""
+    run_config = {**pyproject_run_config(), **small(), "local-steps": "", "local-epochs": 1, "optimizer": "saf",
+                  "optimizer-options.past": 1, "optimizer-options.start-epoch": 1,
+                  "out-dir": str(tmp_path / "flower"), "name": "saf"}
+    grid = CarryingGrid(flower_app.client_app, NODES, run_config)
+    flower_app.server_app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    assert grid.carried == {(r, i): r > 0 for r in range(2) for i in range(NODES)}
+    assert_same_metrics(records(tmp_path / "flower" / "saf"), inprocess_records(tmp_path, run_config))
+
+
 @pytest.mark.parametrize("failure", ["error", "silent"])
 def test_a_failed_node_is_dropped_from_mixing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
     """Node 1 raises (an error reply) or never answers (a timeout) in round 0: the round mixes
@@ -228,10 +256,10 @@ def test_a_failed_node_is_dropped_from_mixing(tmp_path: Path, monkeypatch: pytes
     cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path), "name": "flower"})
     silent: list[tuple[int, int]] = []
     if failure == "error":
-        def flaky(state: Any, node: int, round_idx: int, *args: Any) -> Any:
+        def flaky(state: Any, node: int, round_idx: int, *args: Any, **kwargs: Any) -> Any:
             if (node, round_idx) == (1, 0):
                 raise RuntimeError("injected failure")
-            return local_update(state, node, round_idx, *args)
+            return local_update(state, node, round_idx, *args, **kwargs)
 
         monkeypatch.setattr(flower_app, "local_update", flaky)
     else:
@@ -253,7 +281,7 @@ def test_a_failed_node_is_dropped_from_mixing(tmp_path: Path, monkeypatch: pytes
 
 def test_a_round_without_any_update_stops_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every node failing is a broken ClientApp, not bad luck: the relay stops with the first error."""
-    def broken(*args: Any) -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("broken ClientApp")
 
     monkeypatch.setattr(flower_app, "local_update", broken)

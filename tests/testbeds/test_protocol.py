@@ -12,7 +12,7 @@ import pytest
 import torch
 from datasets import Array3D, ClassLabel, Dataset, Features
 
-from testbeds.protocol import DomainSplit, leave_one_domain_out, lodo_table, select_by_validation
+from testbeds.protocol import DomainSplit, fine_tune_split, leave_one_domain_out, lodo_table, select_by_validation
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,32 @@ def test_table_errors() -> None:
         lodo_table({}, DOMAINS)
     with pytest.raises(ValueError, match="stat: unknown value 'median'"):
         lodo_table({"erm": {"art": 0.5}}, ["art"], stat="median")
+
+
+# --------------------------------------------------------------------------- fine-tuning (TRAM's setting)
+@pytest.mark.parametrize("pretrain", [None, ["photo"]])
+def test_fine_tune_split_is_disjoint_and_tests_only_unseen_examples(pretrain: list[str] | None) -> None:
+    s = fine_tune_split(id_suite(SIZES), "art", pretrain_domains=pretrain, holdout_fraction=0.2, seed=1)
+    source = pretrain or ["photo", "sketch"]
+    assert s.target == "art" and s.pretrain_domains == tuple(source) and s.test_domains == ("photo", "sketch")
+    pre, train, val, test = (set(ids(p)) for p in (s.pretrain, s.train, s.val, s.test))
+    assert not pre & test and not train & test and not val & test and not train & val and not pre & (train | val)
+    assert {domain_of(i) for i in train | val} == {"art"} and len(val) == int(10 * 0.2)
+    assert {domain_of(i) for i in pre} == set(source)
+    assert {domain_of(i) for i in test} == {"photo", "sketch"}
+    assert len(test) == int(20 * 0.2) + int(15 * 0.2)
+    # the held-out part of a domain is the one leave-one-domain-out holds out for it (same seed, same domain)
+    lodo = leave_one_domain_out(id_suite(SIZES), holdout_fraction=0.2, seed=1, domains=["sketch"])[0]
+    assert set(ids(s.val)) <= set(range(10)) and set(ids(lodo.val)) & set(range(10)) == set(ids(s.val))
+
+
+def test_fine_tune_split_errors() -> None:
+    suite = id_suite(SIZES)
+    with pytest.raises(ValueError, match="^target_domain: unknown domain 'clipart'"):
+        fine_tune_split(suite, "clipart")
+    with pytest.raises(ValueError, match="^pretrain_domains: 'art' is not a domain other than the target"):
+        fine_tune_split(suite, "art", pretrain_domains=["art"])
+    with pytest.raises(ValueError, match="^pretrain_domains: expected at least one"):
+        fine_tune_split(suite, "art", pretrain_domains=[])
+    with pytest.raises(ValueError, match="^target_domain: .* no other domain"):
+        fine_tune_split(id_suite({"art": 10}), "art")
