@@ -81,6 +81,7 @@ class TrainConfig:
     target_domain: str | int | None = None
     pretrain_domains: list[str | int] | None = None
     pretrain_epochs: int = 20
+    pretrain_lr: float | None = None  # None: lr (fine-tuning usually takes a smaller lr than pre-training)
     label_noise: float = 0.0  # fraction of training labels flipped (seeded per seed)
     label_noise_kind: Literal["symmetric", "asymmetric"] = "symmetric"
     val_fraction: float = 0.2  # of the training data (of each training domain), held out for model selection
@@ -152,6 +153,8 @@ class TrainConfig:
             raise ConfigError(f"threads: expected an integer >= 1 (or null: torch's choice), got {self.threads}")
         try:
             check_positive("lr", self.lr)
+            if self.pretrain_lr is not None:
+                check_positive("pretrain_lr", self.pretrain_lr)
             check_positive("max_loss", self.max_loss)
             check_range("momentum", self.momentum, 0.0, 1.0 - 1e-12)
             check_nonnegative("weight_decay", self.weight_decay)
@@ -203,10 +206,10 @@ class TrainConfig:
         """USEFUL's separating epoch t: 10% of training (the paper: 5-10%), at least one epoch."""
         return self.useful_epoch or max(1, round(0.1 * self.epochs))
 
-    def optimizer(self, label: str, params: Any) -> torch.optim.Optimizer:
+    def optimizer(self, label: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
         """Optimizer `label` (or arm `label+useful`) over `params`: its member's `options`, then the label's own."""
         name, own = variant(label.removesuffix(USEFUL))
-        kwargs = {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+        kwargs = {"lr": lr or self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
         if name in OPTIMIZERS:
             return build_optimizer(name, params, self.base, **{**self.options.get(name, {}), **own}, **kwargs)
         return build_optimizer(name, params, **{**kwargs, **own})
@@ -310,10 +313,10 @@ class _Arm:
 
 
 def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], model_fn: Callable[[], nn.Module],
-              train: Split, group: str = "-", epochs: int | None = None) -> _Arm:
+              train: Split, group: str = "-", epochs: int | None = None, lr: float | None = None) -> _Arm:
     model = model_fn()
     model.load_state_dict(init)
-    opt = cfg.optimizer(name, model.parameters())
+    opt = cfg.optimizer(name, model.parameters(), lr)
     if cfg.schedule == "cosine":
         steps_total = (epochs or cfg.epochs) * math.ceil(len(train[1]) / cfg.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps_total)
@@ -412,7 +415,7 @@ def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True
     init = model_fn().state_dict()
     if data.pretrain is None or not pretrain:
         return model_fn, init
-    arm = _make_arm(cfg.base, cfg, init, model_fn, data.pretrain, epochs=cfg.pretrain_epochs)
+    arm = _make_arm(cfg.base, cfg, init, model_fn, data.pretrain, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr)
     for epoch in range(cfg.pretrain_epochs):
         for batch in _epoch_batches(arm.train, data, "pretrain", epoch, cfg.batch_size):
             train_step(arm, batch, cfg)

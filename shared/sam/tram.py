@@ -47,7 +47,10 @@ def trust_region_distance(target_logits: Tensor, logits: Tensor) -> Tensor:
 
 class TRAM(SharpnessAware):
     """TRAM over `base_optimizer`; `target` is "prev", "init" or "x" (then `sigma` > 0 is the noise's
-    standard deviation). There is no rho: the radius is d. Needs `shared.member_backward`."""
+    standard deviation). There is no rho: the radius is d. The paper assumes d stays below ASAM's
+    radius and does not clip it; `max_radius` (None: no cap, the paper) caps it, for learning rates
+    at which consecutive models differ by more than a trust region (d of several nats perturbs
+    every weight by several times itself). Needs `shared.member_backward`."""
 
     driver_only: ClassVar[bool] = True
     default_target: ClassVar[str] = "prev"
@@ -59,6 +62,7 @@ class TRAM(SharpnessAware):
         target: str | None = None,
         sigma: float = 0.01,
         eta: float = 0.0,
+        max_radius: float | None = None,
         **kwargs: Any,
     ) -> None:
         target = self.default_target if target is None else target
@@ -66,9 +70,11 @@ class TRAM(SharpnessAware):
             raise ValueError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
         check_positive("sigma", sigma)
         check_nonnegative("eta", eta)
+        if max_radius is not None:
+            check_positive("max_radius", max_radius)
         if "rho" in kwargs:
             raise ValueError("rho: TRAM has no rho; its radius is the trust-region distance d of each batch")
-        self.target, self.sigma = target, sigma
+        self.target, self.sigma, self.max_radius = target, sigma, max_radius
         self._teacher = ModelCopy()  # tram-prev / tram-init: the target model
         self._d_sum: Tensor | None = None  # sum of d over the first passes since the last first_step
         self._d_count = 0
@@ -104,6 +110,8 @@ class TRAM(SharpnessAware):
             raise RuntimeError("TRAM: no first pass was observed, so there is no radius; train through "
                                "shared.member_backward(opt, model, batches)")
         self._radius = self._d_sum / self._d_count
+        if self.max_radius is not None:
+            self._radius = self._radius.clamp(max=self.max_radius)
         self._d_sum, self._d_count = None, 0
         super().first_step(zero_grad)
 

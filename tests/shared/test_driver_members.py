@@ -315,6 +315,12 @@ def test_passes_per_step(name: str) -> None:
     assert (len(forwards), len(backwards)) == expected
 
 
+def test_tram_max_radius_caps_d() -> None:
+    _, free = run("tram-init", epochs(2))
+    _, capped = run("tram-init", epochs(2), {"max_radius": 1e-4})
+    assert free.last_radius.item() > 1e-3 and capped.last_radius.item() == pytest.approx(1e-4)
+
+
 def test_saf_buffer_is_n_by_past_plus_one_by_c_and_float16_halves_it() -> None:
     _, opt32 = run("saf", epochs(1))
     _, opt16 = run("saf", epochs(1), {"bank_dtype": "float16"})
@@ -363,7 +369,7 @@ def test_tram_x_noises_embeddings_of_token_ids_without_touching_the_inputs() -> 
     ("saf", {"bank_dtype": "int8"}, "bank_dtype"), ("saf", {"num_examples": 0}, "num_examples"),
     ("mesa", {"beta": 1.0}, "beta"), ("mesa", {"beta": -0.1}, "beta"), ("mesa", {"start_step": -1}, "start_step"),
     ("tram-x", {"sigma": 0.0}, "sigma"), ("tram-prev", {"rho": 0.1}, "rho"), ("tram-prev", {"eta": -1.0}, "eta"),
-    ("tram-prev", {"target": "ema"}, "target"), ("saf", {"nesterovv": True}, "nesterovv"),
+    ("tram-prev", {"target": "ema"}, "target"), ("tram-init", {"max_radius": 0.0}, "max_radius"), ("saf", {"nesterovv": True}, "nesterovv"),
 ])
 def test_bad_options_name_the_field(name: str, options: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=rf"^{field}: "):
