@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from shared.config import ConfigError, apply_overrides, check_finite, plain_valu
 from shared.errors import Diverged
 from shared.runio import RunDir, check_run_name
 from shared.seeding import derive_seed
-from shared.validate import check_nonnegative, check_positive, check_range
+from shared.validate import check_device, check_nonnegative, check_positive, check_range
 
 # Settings that do not change a run's numbers: a run may resume with other values.
 RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "max_loss")
@@ -106,6 +106,8 @@ class TrainConfig:
     useful_factor: int = 2  # times each example of a slow cluster appears
     m: int | None = None  # m-sharpness: micro-batch size of each perturbation (None: whole batch)
     grad_accum: int = 1  # micro-batches per step (e from their accumulated gradient)
+    augment: bool = False  # the data set's train-time augmentation (CIFAR: random crop with padding 4 and flip)
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     threads: int | None = None
     max_loss: float = 1e4  # a training loss above this (or NaN) stops the run as diverged
     resume: bool = True
@@ -149,6 +151,10 @@ class TrainConfig:
             raise ConfigError(f"useful_factor: expected an integer >= 2, got {self.useful_factor!r}")
         if self.useful_epoch is not None and not 1 <= self.useful_epoch <= self.epochs:
             raise ConfigError(f"useful_epoch: expected 1 <= useful_epoch <= epochs ({self.epochs}), got {self.useful_epoch}")
+        try:
+            check_device("device", self.device)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads: expected an integer >= 1 (or null: torch's choice), got {self.threads}")
         try:
@@ -197,6 +203,12 @@ class TrainConfig:
             raise ConfigError(f"pretrain_epochs: expected an integer >= 1, got {self.pretrain_epochs!r}")
 
     @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    @property
     def arms(self) -> list[str]:
         """What is trained side by side: every optimizer, and with `useful` each again on USEFUL's data."""
         return self.optimizers + ([f"{label}{USEFUL}" for label in self.optimizers] if self.useful else [])
@@ -243,6 +255,7 @@ class UnitData:
     num_classes: int
     flipped: float  # the fraction of training labels the label noise flipped
     pretrain: Split | None = None  # fine-tune protocol: what the initial model is pre-trained on
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None  # train-time augmentation of a batch
 
 
 class Testbed:
@@ -258,7 +271,9 @@ class Testbed:
             self.train, self.test = source_tensors(source, "train"), source_tensors(source, "test")
             self.folds: list[str | None] = [None]
             self.suite = None
+            self.augment = source.augment
         else:
+            self.augment = None
             self.suite = load_suite(cfg.dataset, **cfg.dataset_options)
             self.num_classes = self.suite.num_classes
             names = list(self.suite.domains)
@@ -271,6 +286,9 @@ class Testbed:
                 raise ConfigError(f"pretrain_domains: the target domain {cfg.target_domain!r} is fine-tuned on, "
                                   "not pre-trained on")
             self.folds = [None] if cfg.protocol == "fine-tune" else list(cfg.domains or names)
+        if cfg.augment and self.augment is None:
+            raise ConfigError(f"augment: {cfg.dataset!r} has no train-time augmentation (CIFAR has crop and flip); "
+                              "set augment=false")
 
     def unit(self, fold: str | None, seed: int) -> UnitData:
         from testbeds import fine_tune_split, leave_one_domain_out, noisy_labels
@@ -293,7 +311,8 @@ class Testbed:
         if cfg.label_noise > 0:  # training labels only: validation and test keep theirs
             labels, mask = noisy_labels(train[1], cfg.label_noise, cfg.label_noise_kind, self.num_classes, seed)
             train, flipped = (train[0], labels), float(mask.float().mean())
-        return UnitData(fold, seed, train, val, test, self.num_classes, flipped, pretrain)
+        augment = self.augment if cfg.augment else None
+        return UnitData(fold, seed, train, val, test, self.num_classes, flipped, pretrain, augment)
 
     def units(self) -> list[tuple[str | None, int]]:
         return [(fold, seed) for fold in self.folds for seed in self.cfg.seeds]
@@ -314,7 +333,7 @@ class _Arm:
 
 def _make_arm(name: str, cfg: TrainConfig, init: dict[str, Tensor], model_fn: Callable[[], nn.Module],
               train: Split, group: str = "-", epochs: int | None = None, lr: float | None = None) -> _Arm:
-    model = model_fn()
+    model = model_fn().to(cfg.torch_device)
     model.load_state_dict(init)
     opt = cfg.optimizer(name, model.parameters(), lr)
     if cfg.schedule == "cosine":
@@ -333,6 +352,8 @@ def _micro_batches(batch: Batch, cfg: TrainConfig) -> list[Batch]:
 
 def train_step(arm: _Arm, batch: Batch, cfg: TrainConfig) -> None:
     """One optimizer step of `arm` on `batch`: every optimizer through the one driver."""
+    device = cfg.torch_device
+    batch = Batch(batch.inputs.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True), batch.index)
     member_backward(arm.opt, arm.model, _micro_batches(batch, cfg), F.cross_entropy, m_sharpness=cfg.m is not None)
     arm.opt.step()
     arm.sched.step()
@@ -340,12 +361,13 @@ def train_step(arm: _Arm, batch: Batch, cfg: TrainConfig) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode, in chunks."""
+    """(mean cross-entropy, accuracy) in eval mode, in chunks, on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     loss, correct = 0.0, 0
     for start in range(0, len(y), EVAL_CHUNK):
-        logits = model(x[start : start + EVAL_CHUNK])
-        target = y[start : start + EVAL_CHUNK]
+        logits = model(x[start : start + EVAL_CHUNK].to(device))
+        target = y[start : start + EVAL_CHUNK].to(device)
         loss += F.cross_entropy(logits, target, reduction="sum").item()
         correct += int((logits.argmax(1) == target).sum())
     model.train()
@@ -444,7 +466,7 @@ def _useful_split(cfg: TrainConfig, data: UnitData) -> tuple[Split, dict[str, An
             train_step(early, batch, cfg)
     early.model.eval()
     with torch.no_grad():
-        logits = torch.cat([early.model(x) for x in data.train[0].split(EVAL_CHUNK)])
+        logits = torch.cat([early.model(x.to(cfg.torch_device)).cpu() for x in data.train[0].split(EVAL_CHUNK)])
     plan = useful_plan(logits, data.train[1], data.num_classes, cfg.useful_factor, data.seed)
     x, y = data.train
     cost = (cfg.early_epochs * len(y) + cfg.epochs * len(plan.order)) / (cfg.epochs * len(y))
@@ -452,12 +474,15 @@ def _useful_split(cfg: TrainConfig, data: UnitData) -> tuple[Split, dict[str, An
                                             "epochs_vs_plain_run": round(cost, 4)}
 
 
-def _epoch_batches(train: Split, data: UnitData, group: str, epoch: int, batch_size: int) -> list[Batch]:
-    """An epoch's batches of `train`, shuffled from (seed, held-out domain, group, epoch); each batch
-    carries its examples' positions in `train`."""
+def _epoch_batches(train: Split, data: UnitData, group: str, epoch: int, batch_size: int) -> Iterator[Batch]:
+    """An epoch's batches of `train`, shuffled (and augmented) from (seed, held-out domain, group,
+    epoch); each batch carries its examples' positions in `train`."""
     parts = (data.seed, data.fold or "-", epoch) if group == "-" else (data.seed, data.fold or "-", group, epoch)
     order = torch.randperm(len(train[1]), generator=torch.Generator().manual_seed(derive_seed(*parts)))
-    return [Batch(train[0][idx], train[1][idx], idx) for idx in order.split(batch_size)]
+    gen = torch.Generator().manual_seed(derive_seed(*parts, "augment"))
+    for idx in order.split(batch_size):
+        x = train[0][idx]
+        yield Batch(x if data.augment is None else data.augment(x, gen), train[1][idx], idx)
 
 
 def _train_unit(cfg: TrainConfig, comparable: dict[str, Any], run: RunDir, u: int, data: UnitData, arms: list[_Arm],

@@ -31,6 +31,11 @@ __all__ = [
 ]
 
 NORM_GROUPS = 32  # GroupNorm groups in ResNet-18 and VGG-11, as in the reference code
+NORMS = ("group", "batch")  # resnet18's `norm` option: GroupNorm (FL) or BatchNorm (the centralized SAM papers)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return nn.GroupNorm(NORM_GROUPS, channels) if kind == "group" else nn.BatchNorm2d(channels)
 VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")  # configuration "A"
 
 
@@ -43,20 +48,18 @@ def digits_cnn(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-GN layers plus the identity, or a strided 1x1 conv-GN where the shape changes."""
+    """Two 3x3 conv-norm layers plus the identity, or a strided 1x1 conv-norm where the shape changes."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, norm: str = "group") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(NORM_GROUPS, planes)
+        self.norm1 = _norm(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(NORM_GROUPS, planes)
+        self.norm2 = _norm(norm, planes)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.GroupNorm(NORM_GROUPS, planes)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), _norm(norm, planes))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.norm1(self.conv1(x)))
@@ -64,18 +67,18 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR-style ResNet-18 with GroupNorm; global average pooling makes it fit any image size
-    (on 32x32 it equals the reference's 4x4 average pool)."""
+    """CIFAR-style ResNet-18 with GroupNorm (or BatchNorm, `norm="batch"`, as kuangliu/pytorch-cifar that
+    the SAM, SAF and USEFUL papers train); global average pooling makes it fit any image size (on 32x32 it
+    equals the reference's 4x4 average pool)."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, norm: str = "group") -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), nn.GroupNorm(NORM_GROUPS, 64), nn.ReLU(inplace=True)
-        )
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), _norm(norm, 64),
+                                  nn.ReLU(inplace=True))
         stages: list[nn.Module] = []
         in_planes = 64
         for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)))
+            stages.append(nn.Sequential(BasicBlock(in_planes, planes, stride, norm), BasicBlock(planes, planes, 1, norm)))
             in_planes = planes
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -113,9 +116,11 @@ class VGG11(nn.Module):
         return self.head(self.features(x).flatten(1))
 
 
-def resnet18(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-    """CIFAR-style ResNet-18 with GroupNorm for images (C, H, W) of any size."""
-    return ResNet18(num_classes, in_channels=expect_shape("resnet18", input_shape, IMAGE_DIMS)[0])
+def resnet18(num_classes: int, input_shape: tuple[int, ...], *, norm: str = "group") -> nn.Module:
+    """CIFAR-style ResNet-18 for images (C, H, W) of any size; `norm`: "group" (FL) or "batch"."""
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {', '.join(NORMS)}, got {norm!r}")
+    return ResNet18(num_classes, in_channels=expect_shape("resnet18", input_shape, IMAGE_DIMS)[0], norm=norm)
 
 
 def vgg11(num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:

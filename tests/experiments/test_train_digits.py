@@ -160,3 +160,32 @@ def test_fine_tune_protocol_pretrains_then_tunes_every_optimizer_from_it(tmp_pat
         run_train(small(tmp_path, "x", protocol="fine-tune", dataset="rotated-digits", target_domain=45,
                         pretrain_domains=[0, 45]))
     assert not (tmp_path / "x").exists()
+
+
+def test_paper_scale_cifar_config_runs_on_tiny_data_in_the_hub_format(tmp_path: Path) -> None:
+    """The CIFAR-10 ResNet-18 configs of SAF, MESA and USEFUL, with their real loading code and the
+    crop-and-flip augmentation, on a tiny data set with the `uoft-cs/cifar10` schema."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "fedsam"))
+    from test_data import cifar_dict
+
+    cifar_dict(10, {"train": 4, "test": 1}, fine=False, seed=0).save_to_disk(tmp_path / "data" / "cifar10")
+    from shared.config import load_config
+
+    common = [f"data_dir={tmp_path / 'data'}", f"out_dir={tmp_path}", "epochs=1", "batch_size=20", "seeds=[0]",
+              "device=cpu"]
+    for name, extra in (("paper_cifar10_saf_mesa.yaml", ["optimizers=[saf]"]),  # one arm each: ResNet-18 on CPU
+                        ("paper_cifar10_useful.yaml", ["optimizers=[sgd]", "useful_epoch=1"])):
+        cfg = load_config(TrainConfig, Path("experiments/configs/train") / name, common + extra)
+        assert cfg.augment and cfg.model == "resnet18" and cfg.model_options == {"norm": "batch"}
+        summary = run_train(cfg)
+        assert all(0.0 <= r["test_acc"] <= 1.0 for r in summary["results"])
+
+
+def test_augment_and_device_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="^augment: 'digits' has no train-time augmentation"):
+        run_train(small(tmp_path, "a", augment=True))
+    with pytest.raises(ConfigError, match="^device: unknown device 'gpu0'"):
+        small(tmp_path, "a", device="gpu0")
+    assert not (tmp_path / "a").exists()

@@ -119,3 +119,13 @@ def test_registry_and_errors() -> None:
         build_model("cnn", 10, (8, 8))
     with pytest.raises(ValueError, match=r"num_classes: expected an integer >= 2"):
         build_model("cnn", 1, (1, 8, 8))
+
+
+def test_resnet18_with_batch_norm_for_the_centralized_papers() -> None:
+    """`norm="batch"`: the kuangliu/pytorch-cifar ResNet-18 of the SAM, SAF and USEFUL papers, same size."""
+    model = build_model("resnet18", 10, (3, 32, 32), norm="batch")
+    norms = {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d))}
+    assert norms == {"BatchNorm2d"} and n_params(model) == 11_173_962
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match="^norm: expected one of group, batch"):
+        build_model("resnet18", 10, (3, 32, 32), norm="layer")
