@@ -95,6 +95,7 @@ class ModelCopy:
         self.module: nn.Module | None = None
         self.eval_mode = eval_mode
         self._pending: dict[str, Tensor] | None = None
+        self._pairs: tuple[int, tuple[list[Tensor], ...]] | None = None  # (id of the model, its tensor lists)
 
     def ensure(self, model: nn.Module) -> nn.Module:
         if self.module is None:
@@ -105,6 +106,19 @@ class ModelCopy:
                 self.module.load_state_dict(self._pending)
                 self._pending = None
         return self.module
+
+    def pairs(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+        """(copy's floating tensors, the model's, copy's other tensors, the model's): parameters and
+        buffers matched in module order, for foreach updates; built once per model (walking the
+        modules every step costs more than the update on small models)."""
+        if self._pairs is None or self._pairs[0] != id(model):
+            lists: tuple[list[Tensor], ...] = ([], [], [], [])
+            for c, m in zip(model_tensors(self.module), model_tensors(model)):
+                k = 0 if c.is_floating_point() else 2
+                lists[k].append(c)
+                lists[k + 1].append(m)
+            self._pairs = (id(model), lists)
+        return self._pairs[1]  # type: ignore[return-value]
 
     def state(self) -> dict[str, Tensor] | None:
         state = self.module.state_dict() if self.module is not None else self._pending
@@ -118,8 +132,9 @@ class ModelCopy:
 
 
 def model_tensors(model: nn.Module) -> list[Tensor]:
-    """Parameters then buffers, in module order (the same order in a deep copy)."""
-    return [p.data for p in model.parameters()] + list(model.buffers())
+    """Parameters then buffers, in module order (the same order in a deep copy). The parameters
+    themselves, not `.data` views: a SAM step swaps `.data` and restores it."""
+    return [*model.parameters(), *model.buffers()]
 
 
 def forward_logits(model: nn.Module, inputs: Any) -> Tensor:

@@ -168,20 +168,26 @@ class SAF(TrajectoryMember):
                              "positions in the training set: pass shared.Batch(inputs, targets, index)")
         idx = batch.index.reshape(-1).to("cpu", torch.int64)
         z = logits.detach().reshape(len(idx), -1)
-        if len(idx) and int(idx.min()) < 0:
-            raise ValueError(f"index: expected positions >= 0, got {int(idx.min())}")
+        if not len(idx):
+            return None
+        low, high = (int(v) for v in torch.aminmax(idx))
+        if low < 0:
+            raise ValueError(f"index: expected positions >= 0, got {low}")
         if len(torch.unique(idx)) != len(idx):
             raise ValueError("index: an example appears twice in one batch; its past outputs would collide")
-        self._ensure(int(idx.max()) + 1 if len(idx) else 0, z.shape[1])
+        self._ensure(high + 1, z.shape[1])
         visit = self._visits[idx]
         slots = self.past + 1
-        active = (visit >= self.start_epoch) & ((visit < self.end_epoch) if self.end_epoch is not None else True)
-        target = self._bank[idx, (visit - self.past) % slots] if bool(active.any()) else None
+        active = visit >= self.start_epoch
+        if self.end_epoch is not None:
+            active &= visit < self.end_epoch
+        n_active = int(active.sum())
+        target = self._bank[idx, (visit - self.past) % slots] if n_active else None
         self._bank[idx, visit % slots] = z.to("cpu", self.bank_dtype)
         self._visits[idx] += 1
         if target is None:
             return None
-        return target, (None if bool(active.all()) else active)
+        return target, (None if n_active == len(idx) else active)
 
     def member_state(self) -> dict[str, Any]:
         if self._bank is None:
@@ -232,10 +238,7 @@ class MESA(TrajectoryMember):
         self._steps += 1
         if self._ema.module is None:
             return
-        ema_float, model_float, ema_other, model_other = [], [], [], []
-        for e, m in zip(model_tensors(self._ema.module), model_tensors(self._model)):
-            (ema_float if e.is_floating_point() else ema_other).append(e)
-            (model_float if e.is_floating_point() else model_other).append(m)
+        ema_float, model_float, ema_other, model_other = self._ema.pairs(self._model)
         torch._foreach_lerp_(ema_float, model_float, 1.0 - self.beta)  # v <- beta v + (1 - beta) w
         if ema_other:
             torch._foreach_copy_(ema_other, model_other)  # e.g. num_batches_tracked

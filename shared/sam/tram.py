@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from shared.sam.base import BaseOptimizerSpec, SharpnessAware
 from shared.sam.bn import frozen_bn_stats
-from shared.sam.member import Batch, ModelCopy, forward_logits, model_tensors
+from shared.sam.member import Batch, ModelCopy, forward_logits
 from shared.validate import check_nonnegative, check_positive
 
 TARGETS = ("prev", "init", "x")
@@ -97,7 +97,8 @@ class TRAM(SharpnessAware):
             teacher = self._teacher.module
             if teacher is None:
                 raise RuntimeError("TRAM: no model bound; train it through shared.member_backward")
-            teacher.train(model.training)
+            if teacher.training != model.training:
+                teacher.train(model.training)
             with frozen_bn_stats(teacher):
                 target_logits = forward_logits(teacher, batch.inputs)
         d = trust_region_distance(target_logits, logits)
@@ -127,8 +128,9 @@ class TRAM(SharpnessAware):
         if self._plan is not None:
             self.unperturb()
         if self.target == "prev" and self._teacher.module is not None:  # w_t becomes the next step's w_{t-1}
+            target, model, target_other, model_other = self._teacher.pairs(self._model)
             with torch.no_grad():
-                torch._foreach_copy_(model_tensors(self._teacher.module), model_tensors(self._model))
+                torch._foreach_copy_(target + target_other, model + model_other)
         super()._base_step()
 
     # ------------------------------------------------------------------ state
