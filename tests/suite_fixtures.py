@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-import shared.runio as runio
+from shared import runio
 from shared.runio import RunDir
 
 TIMING = ("compute_s", "round_s", "time_s", "step_time_s")
@@ -106,3 +106,20 @@ def kill_everywhere(monkeypatch: pytest.MonkeyPatch, run: Callable[[str], Any], 
     return survived
 
 
+def kill_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Any]) -> None:
+    """Call `run` (a fedsam run) with the run killed (KeyboardInterrupt) right after its first checkpoint."""
+    from fedsam import run as run_module
+
+    real_save = run_module.FedRun._save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_die(self: run_module.FedRun) -> None:
+        real_save(self)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(run_module.FedRun, "_save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            run()

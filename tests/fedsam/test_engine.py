@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from suite_fixtures import kill_after_first_checkpoint
 from torch.func import functional_call
 
 import fedsam.run as run_module
@@ -62,19 +63,7 @@ def test_one_round_equals_the_mixing_of_local_sgd(tmp_path: Path, algorithm: str
 
 def test_runs_repeat_exactly_and_resume_after_a_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = run_inprocess(small(tmp_path, "ref"), progress=False)
-    real_save = run_module.FedRun._save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_die(self: run_module.FedRun) -> None:
-        real_save(self)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt  # killed right after round 1's checkpoint
-
-    monkeypatch.setattr(run_module.FedRun, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_inprocess(small(tmp_path, "killed"), progress=False)
-    monkeypatch.setattr(run_module.FedRun, "_save_checkpoint", real_save)
+    kill_after_first_checkpoint(monkeypatch, lambda: run_inprocess(small(tmp_path, "killed"), progress=False))
     assert len((tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()) == 1
     resumed = run_inprocess(small(tmp_path, "killed"), progress=False)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from suite_fixtures import kill_after_first_checkpoint
 
 import fedsam.run as run_module
 from fedsam.client import federated_data, flatten_member_state, initial_state, local_update, unflatten_member_state
@@ -116,19 +117,8 @@ def test_saf_resume_repeats_the_uninterrupted_run(tmp_path: Path, monkeypatch: p
     """Killed after round 1's checkpoint and resumed: the same metrics as without the kill (the
     buffers come back from the checkpoint; without them round 2 would train differently)."""
     run_inprocess(small(tmp_path, "ref", rounds=3, **SAF_NOW), progress=False)
-    real_save = run_module.FedRun._save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_die(self: run_module.FedRun) -> None:
-        real_save(self)
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(run_module.FedRun, "_save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_inprocess(small(tmp_path, "killed", rounds=3, **SAF_NOW), progress=False)
-    monkeypatch.setattr(run_module.FedRun, "_save_checkpoint", real_save)
+    kill_after_first_checkpoint(monkeypatch, lambda: run_inprocess(small(tmp_path, "killed", rounds=3, **SAF_NOW),
+                                                                   progress=False))
     assert len(metrics(tmp_path, "killed")) == 1
     run_inprocess(small(tmp_path, "killed", rounds=3, **SAF_NOW), progress=False)
     want = metrics(tmp_path, "ref")
