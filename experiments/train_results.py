@@ -89,6 +89,7 @@ def result_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], 
             row["useful_diff"] = _round(diff["mean"]) if diff else None
             row["useful_ci95_low"] = _round(diff["ci_low"]) if diff else None
             row["useful_ci95_high"] = _round(diff["ci_high"]) if diff else None
+            row["useful_se"] = _round(diff["sem"]) if diff else None
         if base_time:
             row[f"step_time_vs_{base}"] = round(float(np.mean(times)) / base_time, 3) if times else None
         rows.append(row)

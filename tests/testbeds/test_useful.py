@@ -74,6 +74,7 @@ def test_train_with_useful_adds_paired_arms_and_records_the_plan(tmp_path: Path)
     for name in ("sgd", "sam"):
         diffs = [units[(s, f"{name}+useful")] - units[(s, name)] for s in (0, 1)]
         assert rows[f"{name}+useful"]["useful_diff"] == pytest.approx(sum(diffs) / 2, abs=1e-4)
+        assert rows[f"{name}+useful"]["useful_se"] == pytest.approx(abs(diffs[0] - diffs[1]) / 2, abs=1e-4)
         assert rows[name]["useful_diff"] is None
     plan = summary["useful"]["-/0"]
     n = plan["examples"]
