@@ -115,3 +115,32 @@ def test_cuda_no_parameter_sized_allocation_after_first_step(name: str) -> None:
             assert first < smallest, f"step 1: first_step peaked at {first} bytes"
         else:
             assert max(first, second) < smallest, f"step {step + 1}: peaks {first}, {second} bytes"
+
+
+DRIVER_NAMES = [name for name in OPTIMIZERS.names() if OPTIMIZERS.get(name).driver_only]
+DRIVER_OPTIONS = {"saf": {"past": 1, "start_epoch": 1}, "mesa": {"beta": 0.7}, "tram-x": {"sigma": 0.3}}
+
+
+@pytest.mark.parametrize("name", DRIVER_NAMES)
+def test_cuda_driver_members_match_cpu_in_float64(name: str) -> None:
+    """SAF (host buffer, CUDA logits), MESA (EMA copy on the GPU) and TRAM (d as a CUDA tensor) through
+    `member_backward` on CUDA and on CPU agree to 1e-10 in float64 (TRAM-x draws its noise on each
+    device's generator, so it is checked for finite weights and a positive radius only)."""
+    from shared import Batch, member_backward
+
+    model, batches = make(torch.float64)
+    twin = cpu_twin(model)
+    runs = []
+    for m, device in ((model, "cuda"), (twin, "cpu")):
+        opt = OPTIMIZERS.get(name)(m.parameters(), "sgd", lr=0.1, momentum=0.9, **DRIVER_OPTIONS.get(name, {}))
+        for _ in range(3):  # epochs: SAF's term starts at the second
+            for i, (x, y) in enumerate(batches):
+                idx = torch.arange(i * 16, (i + 1) * 16)
+                member_backward(opt, m, [Batch(x.to(device), y.to(device), idx)])
+                opt.step()
+        runs.append([p.detach().cpu() for p in m.parameters()])
+        if name == "tram-x":
+            assert opt.last_radius.item() > 0 and all(torch.isfinite(p).all() for p in runs[-1])
+    if name != "tram-x":
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
