@@ -18,6 +18,7 @@ and a safetensors checkpoint per epoch from which a killed run resumes exactly.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -80,7 +81,7 @@ class TrainConfig:
     # data are the held-out parts of the other domains (TRAM's cross-domain setting)
     target_domain: str | int | None = None
     pretrain_domains: list[str | int] | None = None
-    pretrain_epochs: int = 20
+    pretrain_epochs: int = 20  # 0: fine-tune the model as built (a hub model is pre-trained already)
     pretrain_lr: float | None = None  # None: lr (fine-tuning usually takes a smaller lr than pre-training)
     label_noise: float = 0.0  # fraction of training labels flipped (seeded per seed)
     label_noise_kind: Literal["symmetric", "asymmetric"] = "symmetric"
@@ -199,8 +200,9 @@ class TrainConfig:
                               "protocols take none")
         if self.pretrain_domains is not None and self.protocol != "fine-tune":
             raise ConfigError("pretrain_domains: only used with protocol=fine-tune")
-        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 1:
-            raise ConfigError(f"pretrain_epochs: expected an integer >= 1, got {self.pretrain_epochs!r}")
+        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
+            raise ConfigError(f"pretrain_epochs: expected an integer >= 0 (0: the model is already pre-trained, "
+                              f"e.g. a hub model), got {self.pretrain_epochs!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -221,7 +223,10 @@ class TrainConfig:
     def optimizer(self, label: str, params: Any, lr: float | None = None) -> torch.optim.Optimizer:
         """Optimizer `label` (or arm `label+useful`) over `params`: its member's `options`, then the label's own."""
         name, own = variant(label.removesuffix(USEFUL))
-        kwargs = {"lr": lr or self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
+        kwargs = {"lr": lr or self.lr, "weight_decay": self.weight_decay}
+        base = self.base if name in OPTIMIZERS else name
+        if "momentum" in inspect.signature(BASE_OPTIMIZERS.get(base)).parameters:  # SGD, RMSprop; not Adam(W)
+            kwargs["momentum"] = self.momentum
         if name in OPTIMIZERS:
             return build_optimizer(name, params, self.base, **{**self.options.get(name, {}), **own}, **kwargs)
         return build_optimizer(name, params, **{**kwargs, **own})
@@ -435,7 +440,7 @@ def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True
 
     torch.manual_seed(derive_seed(data.seed, "init") % 2**63)
     init = model_fn().state_dict()
-    if data.pretrain is None or not pretrain:
+    if data.pretrain is None or not pretrain or cfg.pretrain_epochs == 0:
         return model_fn, init
     arm = _make_arm(cfg.base, cfg, init, model_fn, data.pretrain, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr)
     for epoch in range(cfg.pretrain_epochs):

@@ -58,18 +58,21 @@ MNIST1D_DOMAIN_SHIFTS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class DomainSuite:
-    """Domains of the same classes; pixels become model inputs as (pixels / pixel_max - mean) / std."""
+    """Domains of the same classes; pixels become model inputs as (pixels / pixel_max - mean) / std, or,
+    for suites of text, through `encode` (a domain's Dataset -> an integer tensor of token ids)."""
 
     name: str
-    domains: dict[str, Dataset]  # domain name -> Dataset with "image" and "label" (ClassLabel), in a fixed order
+    domains: dict[str, Dataset]  # domain name -> Dataset with "image" (or text) and "label" (ClassLabel)
     num_classes: int
     pixel_max: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
     definitions: dict[str, str]  # each domain's definition, recorded in results
+    encode: Callable[[Dataset], Tensor] | None = None  # text suites: the inputs of a domain (testbeds.text)
 
 
 SUITES: Registry[Callable[..., DomainSuite]] = Registry("domain suite")
+SUITES.register("xnli", target="testbeds.text:xnli_suite")  # lazy: tokenizers load only when used
 
 
 def load_suite(name: str, **options: Any) -> DomainSuite:
@@ -91,7 +94,8 @@ def suite_tensors(suite: DomainSuite, domain: str) -> tuple[Tensor, Tensor]:
     if domain not in suite.domains:
         raise ValueError(f"domain: suite '{suite.name}' has no domain {domain!r}. Allowed: {', '.join(suite.domains)}")
     ds = suite.domains[domain]
-    return decode_images(ds, suite.pixel_max, suite.mean, suite.std), torch.from_numpy(label_column(ds))
+    x = suite.encode(ds) if suite.encode is not None else decode_images(ds, suite.pixel_max, suite.mean, suite.std)
+    return x, torch.from_numpy(label_column(ds))
 
 
 def _check_int(name: str, value: Any, low: int | None = None) -> int:

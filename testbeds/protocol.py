@@ -129,11 +129,12 @@ def leave_one_domain_out(
 def _domain_tensors(suite: SuiteLike) -> dict[str, tuple[Tensor, Tensor]]:
     """Every domain of the suite as (x, y), checked: non-empty, labels in range, one input shape."""
     tensors: dict[str, tuple[Tensor, Tensor]] = {}
+    encode = getattr(suite, "encode", None)  # text suites encode their inputs; image suites decode pixels
     for name in suite.domains:
         ds = suite.domains[name]
         if len(ds) == 0:
             raise ValueError(f"domains: domain {name!r} of suite {suite.name!r} has no examples")
-        x = decode_images(ds, suite.pixel_max, tuple(suite.mean), tuple(suite.std))
+        x = encode(ds) if encode is not None else decode_images(ds, suite.pixel_max, tuple(suite.mean), tuple(suite.std))
         y = torch.from_numpy(label_column(ds))
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= suite.num_classes):
             raise ValueError(f"label: domain {name!r} has labels outside 0..{suite.num_classes - 1}")

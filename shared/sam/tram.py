@@ -144,8 +144,12 @@ class TRAM(SharpnessAware):
 
 
 def _noised(model: nn.Module, inputs: Any, sigma: float) -> Any:
-    """The inputs plus N(0, sigma^2): float tensors directly, token ids through the model's input
-    embeddings (as `inputs_embeds`); the caller's inputs are left as they are."""
+    """The inputs plus N(0, sigma^2): the model's own `noised_inputs(inputs, sigma)` if it has one
+    (keyword inputs for packed token inputs, e.g. `testbeds.text_models`), else float tensors
+    directly and token ids through the model's input embeddings (as `inputs_embeds`); the caller's
+    inputs are left as they are."""
+    if hasattr(model, "noised_inputs"):
+        return model.noised_inputs(inputs, sigma)
     ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
     if isinstance(ids, Tensor) and ids.is_floating_point():
         noised = ids + sigma * torch.randn_like(ids)

@@ -161,7 +161,7 @@ def test_domainbed_folder_option_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_bad_suite_names_and_domains_name_the_field() -> None:
-    assert SUITES.names() == ["domainbed-folder", "mnist1d-domains", "rotated-digits"]
+    assert SUITES.names() == ["domainbed-folder", "mnist1d-domains", "rotated-digits", "xnli"]
     with pytest.raises(UnknownNameError, match=r"^suite: unknown domain suite 'rotated-digit'; did you mean"):
         load_suite("rotated-digit")
     with pytest.raises(ValueError, match="^domain: suite 'rotated-digits' has no domain '90'"):

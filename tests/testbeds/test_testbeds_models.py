@@ -118,7 +118,16 @@ def test_classes_are_exported() -> None:
     assert isinstance(build_model("mlp1d", 10, (1, 40)), MLPBase)
 
 
-@pytest.mark.parametrize("name", MODELS.names())
+def _needs_options(name: str) -> bool:
+    """Models with a required option (hf-classifier's `pretrained` checkpoint, for token inputs:
+    tests/testbeds/test_text.py) cannot build from a shape alone."""
+    import inspect
+
+    return any(p.kind is p.KEYWORD_ONLY and p.default is p.empty
+               for p in inspect.signature(MODELS.get(name)).parameters.values())
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS.names() if not _needs_options(n)])
 def test_every_registered_model_builds_for_images_or_signals(name: str) -> None:
     built = []
     for shape in ((3, 32, 32), (1, 40)):
