@@ -18,6 +18,7 @@ and a safetensors checkpoint per epoch from which a killed run resumes exactly.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -204,7 +205,7 @@ class TrainConfig:
             raise ConfigError(f"pretrain_epochs: expected an integer >= 0 (0: the model is already pre-trained, "
                               f"e.g. a hub model), got {self.pretrain_epochs!r}")
 
-    @property
+    @functools.cached_property
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -389,7 +390,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     bed = Testbed(cfg)
     units = bed.units()
-    _unit_arms(cfg, bed.unit(*units[0]), pretrain=False)  # model and options against the data, before any write
+    first = bed.unit(*units[0])  # model and options against the data, before any write
+    _unit_arms(cfg, first, _unit_model(cfg, first, pretrain=False))
     with RunDir.claim(cfg.out_dir, cfg.name, "train") as run:
         config = to_dict(cfg)
         state = _resume(run, config) if cfg.resume else None
@@ -411,10 +413,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 continue
             data = bed.unit(fold, seed)
             notes["flipped"][f"{fold or '-'}/{seed}"] = data.flipped
-            useful = _useful_split(cfg, data) if cfg.useful else None  # deterministic: recomputed on resume
+            model = _unit_model(cfg, data)  # deterministic, like USEFUL's split: recomputed on resume
+            useful = _useful_split(cfg, data, model) if cfg.useful else None
             if useful is not None:
                 notes["useful"][f"{fold or '-'}/{seed}"] = useful[1]
-            arms = _unit_arms(cfg, data, useful[0] if useful else None)
+            arms = _unit_arms(cfg, data, model, useful[0] if useful else None)
             start = done[1] if u == done[0] else 0
             if start:
                 _load_arms(arms, state["arms"])
@@ -423,8 +426,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         return finish(run, cfg, config, bed, timings, notes, time.perf_counter() - started)
 
 
-def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True
-                ) -> tuple[Callable[[], nn.Module], dict[str, Tensor]]:
+UnitModel = tuple[Callable[[], nn.Module], dict[str, Tensor]]  # a model factory and the initial weights
+
+
+def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True) -> UnitModel:
     """The unit's model factory and its initial weights: drawn from the unit's seed, then (fine-tune
     protocol, unless `pretrain` is False) pre-trained by the base optimizer on `data.pretrain` for
     `pretrain_epochs` with the run's schedule (deterministic, so a resumed run redoes it exactly)."""
@@ -449,22 +454,22 @@ def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True
     return model_fn, {k: v.detach().clone() for k, v in arm.model.state_dict().items()}
 
 
-def _unit_arms(cfg: TrainConfig, data: UnitData, useful: Split | None = None, pretrain: bool = True) -> list[_Arm]:
+def _unit_arms(cfg: TrainConfig, data: UnitData, model: UnitModel, useful: Split | None = None) -> list[_Arm]:
     """Every arm of the unit from the same initial weights; "+useful" arms train on `useful`."""
-    model_fn, init = _unit_model(cfg, data, pretrain)
+    model_fn, init = model
     return [_make_arm(name, cfg, init, model_fn, data.train if useful is None else useful, "useful")
             if name.endswith(USEFUL)
             else _make_arm(name, cfg, init, model_fn, data.train) for name in cfg.arms]
 
 
-def _useful_split(cfg: TrainConfig, data: UnitData) -> tuple[Split, dict[str, Any]]:
+def _useful_split(cfg: TrainConfig, data: UnitData, model: UnitModel) -> tuple[Split, dict[str, Any]]:
     """USEFUL's training set for the unit: the base optimizer trains from the unit's initial weights
     for `early_epochs` on the unit's batches (the plain base arm's first epochs), its logits on the
     training set are clustered (`testbeds.useful_plan`), the slow clusters upsampled. Returns the
     split and its summary, with the cost in epochs relative to one plain run."""
     from testbeds import useful_plan
 
-    model_fn, init = _unit_model(cfg, data)
+    model_fn, init = model
     early = _make_arm(cfg.base, cfg, init, model_fn, data.train)
     for epoch in range(cfg.early_epochs):
         for batch in _epoch_batches(early.train, data, "-", epoch, cfg.batch_size):
