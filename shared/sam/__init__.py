@@ -17,6 +17,7 @@ from shared.sam.bn import frozen_bn_stats
 from shared.sam.gsam import GSAM
 from shared.sam.member import Batch, Member, StepLosses, member_backward
 from shared.sam.obf import OBF, obf_ascent_loss
+from shared.sam.sagm import SAGM
 from shared.sam.sam import ASAM, SAM
 from shared.sam.trajectory import MESA, SAF, trajectory_loss
 from shared.sam.tram import TRAM, TRAMX, TRAMInit, TRAMPrev, trust_region_distance
@@ -26,6 +27,7 @@ OPTIMIZERS.register("sam")(SAM)
 OPTIMIZERS.register("asam")(ASAM)
 OPTIMIZERS.register("gsam")(GSAM)
 OPTIMIZERS.register("obf")(OBF)
+OPTIMIZERS.register("sagm")(SAGM)
 OPTIMIZERS.register("saf")(SAF)
 OPTIMIZERS.register("mesa")(MESA)
 OPTIMIZERS.register("tram-prev")(TRAMPrev)
@@ -59,6 +61,7 @@ __all__ = [
     "OBF",
     "OPTIMIZERS",
     "SAF",
+    "SAGM",
     "SAM",
     "TRAM",
     "Batch",

@@ -46,11 +46,12 @@ def sam_backward(
     - `descent(batch)`: the training loss, evaluated at w + e.
     - `ascent(batch)`: the loss whose gradient sets e (default: `descent`; OBF's objective).
     - `anchor(batch)`: a loss evaluated at w only and added to the gradient (e.g. the retain
-      term of unlearning: grad = grad l_f(w + e) + grad l_r(w)).
+      term of unlearning: grad = grad l_f(w + e) + grad l_r(w)); None adds nothing for that batch.
     - `m_sharpness=False`: e comes from the gradient accumulated over all micro-batches (plain
       gradient accumulation, two sweeps). True: each micro-batch gets its own e and the perturbed
       gradients are averaged (m-sharpness, m = micro-batch size; use `chunk(batch, m)`).
-    - `scaler`: fp16 loss scaling; e is scale invariant, so only `scaler.step` unscales.
+    - `scaler`: fp16 loss scaling; e is scale invariant, so only `scaler.step` unscales (members
+      whose e is not are told the scale: `SharpnessAware.scale_invariant`).
     - Each micro-batch's loss weighs 1/k: the mean of the micro-batch means, which is the full
       batch mean when the micro-batches have equal sizes (as `chunk` makes them, but the last).
     - `model`: its batch norm statistics are updated by the first (ascent) passes only, as a
@@ -62,9 +63,14 @@ def sam_backward(
         raise RuntimeError("sam_backward(): the weights are already perturbed (first_step without second_step)")
     ascent = ascent or descent
     k = len(micro_batches)
+    if not opt.scale_invariant:  # get_scale() waits for the device: only members that need it
+        # with m-sharpness each e comes from one micro-batch's gradient, which weighs 1/k
+        opt.loss_scale = (scaler.get_scale() if scaler is not None else 1.0) / (k if m_sharpness else 1)
 
-    def backward(loss_fn: LossFn, batch: Any, weight: float) -> Tensor:
+    def backward(loss_fn: LossFn, batch: Any, weight: float) -> Tensor | None:
         loss = loss_fn(batch)
+        if loss is None:  # an anchor with nothing to add on this step (UDIM's warm-up)
+            return None
         scaled = loss * weight if weight != 1 else loss
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         return loss.detach()
@@ -92,7 +98,8 @@ def sam_backward(
     anchor_loss = None
     if anchor is not None:
         with frozen_bn_stats(model):
-            anchor_loss = _mean([backward(anchor, b, 1 / k) for b in micro_batches])
+            losses = [loss for b in micro_batches if (loss := backward(anchor, b, 1 / k)) is not None]
+            anchor_loss = _mean(losses) if losses else None
     return SamStepStats(ascent_loss, descent_loss, anchor_loss)
 
 

@@ -30,7 +30,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -117,6 +117,11 @@ class SharpnessAware(Member, Optimizer):
     the group, e.g. norms and biases), `adaptive` and `eta` (ASAM's T_w = |w| + eta). The hooks of
     `shared.sam.member.Member` let a member read the model and the first pass (OBF, TRAM)."""
 
+    #: Whether e is unchanged when the gradients are multiplied by a loss scale (GradScaler): so for
+    #: e = rho g / ||g||. A member whose e is not (SAGM's alpha g) reads `loss_scale`, which
+    #: `sam_backward` sets from its scaler; the manual API sets it by hand before `first_step`.
+    scale_invariant: ClassVar[bool] = True
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -131,6 +136,7 @@ class SharpnessAware(Member, Optimizer):
         check_nonnegative("eta", eta)
         check_positive("perturb_eps", perturb_eps)
         self.eps = perturb_eps  # named as in pytorch_optimizer: `eps` is the base optimizer's (Adam...)
+        self.loss_scale = 1.0  # the factor on the gradients that first_step sees (GradScaler's scale)
         self._member_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb": True}
         super().__init__(params, dict(self._member_defaults))
         self.base_optimizer = wrap_base(self, base_optimizer, base_kwargs)

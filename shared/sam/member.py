@@ -14,7 +14,9 @@ calls at fixed points of the step:
   at w (SAF's and MESA's trajectory loss); it sees the example indices (`batch.index`);
 - `observe(model, logits, batch)` after the first forward: what the perturbation needs from it
   (TRAM's trust-region radius from a target model or noised inputs);
-- `ascent_loss(logits, targets)`: the loss whose gradient sets e instead of the training loss (OBF).
+- `ascent_loss(logits, targets)`: the loss whose gradient sets e instead of the training loss (OBF);
+- `anchor_loss(model, batch)`: a loss at w, after the other passes (the weights restored), whose
+  gradient is added to the member's (UDIM's inconsistency term); None on a step where it adds nothing.
 A plain base optimizer (SGD, AdamW) goes through the same driver with no hooks, so a loop treats
 every optimizer alike.
 """
@@ -22,6 +24,7 @@ every optimizer alike.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -49,8 +52,13 @@ class Member:
     the others also work through `first_step`/`second_step`, `step(closure)` and `sam_backward`."""
 
     driver_only: ClassVar[bool] = False
+    #: (forward-backward passes, forwards without gradient) of one step on one micro-batch: the least
+    #: a step can cost, which `samsuite bench optim` times on its own as the member's floor.
+    passes: ClassVar[tuple[int, int]] = (2, 0)
     #: OBF overrides this with a method `ascent_loss(logits, targets) -> Tensor`.
     ascent_loss: Callable[[Tensor, Tensor], Tensor] | None = None
+    #: UDIM overrides this with a method `anchor_loss(model, batch) -> Tensor | None`.
+    anchor_loss: Callable[[nn.Module, Batch], Tensor | None] | None = None
 
     def bind(self, model: nn.Module) -> None:
         """Called with the model being trained at the start of every step."""
@@ -165,6 +173,7 @@ def member_backward(
     `opt.step()` or `scaler.step(opt)`. Tuples `(x, y)` or `(x, y, index)` are taken as `Batch`."""
     from shared.sam.backward import sam_backward
     from shared.sam.base import SharpnessAware
+    from shared.sam.bn import frozen_bn_stats
 
     if not micro_batches:
         raise ValueError("micro_batches: expected at least one micro-batch, got none")
@@ -183,14 +192,22 @@ def member_backward(
         extra = hooks.extra_loss(model, logits, batch)
         return loss if extra is None else loss + extra
 
+    anchor = None if hooks.anchor_loss is None else functools.partial(hooks.anchor_loss, model)
     if isinstance(opt, SharpnessAware):
         stats = sam_backward(opt, batches, lambda b: criterion(forward_logits(model, b.inputs), b.targets),
-                             ascent=first_pass, m_sharpness=m_sharpness, scaler=scaler, model=model)
+                             ascent=first_pass, anchor=anchor, m_sharpness=m_sharpness, scaler=scaler, model=model)
         return StepLosses(_mean(at_w), stats.descent_loss)
     opt.zero_grad()
     for batch in batches:
         loss = first_pass(batch) / len(batches)
         (scaler.scale(loss) if scaler is not None else loss).backward()
+    if anchor is not None:
+        with frozen_bn_stats(model):
+            for batch in batches:
+                loss = anchor(batch)
+                if loss is not None:
+                    loss = loss / len(batches)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
     return StepLosses(_mean(at_w))
 
 

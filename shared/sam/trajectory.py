@@ -62,6 +62,7 @@ class TrajectoryMember(Member, Optimizer):
     state_dict is the base optimizer's plus the member's own state."""
 
     driver_only: ClassVar[bool] = True
+    passes: ClassVar[tuple[int, int]] = (1, 0)
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], base_optimizer: BaseOptimizerSpec,
                  lam: float, tau: float, **base_kwargs: Any) -> None:
@@ -203,6 +204,8 @@ class SAF(TrajectoryMember):
 class MESA(TrajectoryMember):
     """MESA: lam (paper 0.8), tau (5), beta (the EMA decay; timm's 0.9998 suits ImageNet's long runs,
     short runs need a shorter memory), `start_step` (optimizer steps before the term applies)."""
+
+    passes: ClassVar[tuple[int, int]] = (1, 1)
 
     def __init__(
         self,

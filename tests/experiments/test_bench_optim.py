@@ -24,8 +24,12 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, object]:
 
 def test_writes_the_returned_result_atomically(quick_run) -> None:
     result, out_dir = quick_run
-    assert sorted(p.name for p in out_dir.iterdir()) == ["optim.json"]  # no temp file left behind
+    assert sorted(p.name for p in out_dir.iterdir()) == ["optim.json", "optim.md"]  # no temp file left behind
     assert json.loads((out_dir / "optim.json").read_text()) == result
+    table = (out_dir / "optim.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| cnn1d | saf |")]
+    ratio = result["models"]["cnn1d"]["optimizers"]["saf"]["member_backward"]["ratio"]
+    assert len(rows) == 1 and f"| {ratio:.3f} | sgd |" in rows[0] and "<= 1.05" in rows[0]
 
 
 def test_records_config_and_environment(quick_run) -> None:
@@ -45,9 +49,10 @@ def test_both_models_with_every_candidate(quick_run) -> None:
     have_pto = optim._pytorch_optimizer_sam()[0] is not None
     for model in result["models"].values():
         rows = model["optimizers"]
-        expected = {"sgd", optim.FLOOR, optim.LOOP, *OPTIMIZERS.names()} | ({optim.PTO} if have_pto else set())
+        floors = {"two_passes", "one_pass+1_forward", "two_passes+1_forward"}  # the passes of every member
+        expected = {"sgd", optim.LOOP, optim.TERM, *floors, *OPTIMIZERS.names()} | ({optim.PTO} if have_pto else set())
         assert set(rows) == expected
-        assert set(rows["sgd"]) == {"base"} and set(rows[optim.FLOOR]) == {"floor"}
+        assert set(rows["sgd"]) == {"base"} and all(set(rows[f]) == {"floor"} for f in floors)
         assert rows["sgd"]["base"]["ratio"] == pytest.approx(1.0)
         for name in OPTIMIZERS.names():
             drivers = {"member_backward"} if OPTIMIZERS.get(name).driver_only else set(optim.DRIVERS)
@@ -66,11 +71,21 @@ def test_two_pass_members_cost_more_than_one_base_step(quick_run) -> None:
                 assert row["params_finite"], (member, driver)
                 assert row["samples"] == result["config"]["rounds"]
                 if (member in OPTIMIZERS and not OPTIMIZERS.get(member).driver_only) or member in (optim.LOOP, optim.PTO,
-                                                                                                  optim.FLOOR):
+                                                                                                  optim.floor_name((2, 0))):
                     two_pass.append(row["ratio"])
         # two forward/backward passes against one; averaged, as quick mode's 7 rounds on a busy
         # machine can put a single median below 1
         assert sum(two_pass) / len(two_pass) > 1.0, two_pass
+
+
+def test_each_member_is_measured_over_the_floor_of_its_own_passes(quick_run) -> None:
+    rows = quick_run[0]["models"]["cnn1d"]["optimizers"]
+    floor = {name: rows[name]["floor"]["ratio"] for name in ("two_passes", "one_pass+1_forward", "two_passes+1_forward")}
+    for member, name in (("sam", "two_passes"), ("mesa", "one_pass+1_forward"), ("tram-x", "two_passes+1_forward")):
+        row = rows[member]["member_backward"]
+        assert row["floor"] == name and row["over_floor"] == pytest.approx(row["ratio"] - floor[name])
+    for row in (rows["saf"]["member_backward"], rows[optim.TERM]["base"]):
+        assert row["floor"] == "sgd" and row["over_floor"] == pytest.approx(row["ratio"] - 1.0)
 
 
 def test_member_state_is_measured(quick_run) -> None:
@@ -93,4 +108,7 @@ def test_targets_are_recorded_not_enforced(quick_run) -> None:
     assert ("mlp", "sam", f"no_slower_than:{optim.LOOP}") in kinds
     for c in checks:
         assert c["met"] == (c["value"] <= c["bound"])
+        if c["kind"] == "ratio_to_base":
+            assert c["floor_ratio"] == pytest.approx(c["value"] - result["models"][c["model"]]["optimizers"][
+                c["optimizer"]][c["driver"]]["over_floor"])
     assert result["all_targets_met"] == all(c["met"] for c in checks)
