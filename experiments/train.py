@@ -61,7 +61,14 @@ def _default_options() -> dict[str, dict[str, Any]]:
         "saf": {"lam": 0.3, "tau": 5.0, "past": 3, "start_epoch": 5},
         "mesa": {"lam": 0.8, "tau": 5.0, "beta": 0.995, "start_step": 250},
         "tram-x": {"sigma": 0.1},
+        # SAGM and GAQAT: DomainBed's SAGM defaults; GAQAT's window, interval and threshold are ours
+        # (the paper publishes none; shared.sam.gaqat)
+        "sagm": {"rho": 0.05, "alpha": 0.001},
+        "gaqat": {"rho": 0.05, "alpha": 0.001, "window": 20, "interval": 10, "threshold": 0.3},
     }
+
+
+QUANTIZE_KEYS = {"bits": None, "act_bits": None, "first_last_bits": 8, "fp_epochs": None}
 
 
 @dataclass
@@ -83,7 +90,8 @@ class TrainConfig:
     target_domain: str | int | None = None
     pretrain_domains: list[str | int] | None = None
     pretrain_epochs: int = 20  # 0: fine-tune the model as built (a hub model is pre-trained already)
-    pretrain_lr: float | None = None  # None: lr (fine-tuning usually takes a smaller lr than pre-training)
+    pretrain_lr: float | None = None  # None: lr (fine-tuning usually takes a smaller lr than pre-training); also quantize's
+    # full-precision phase
     label_noise: float = 0.0  # fraction of training labels flipped (seeded per seed)
     label_noise_kind: Literal["symmetric", "asymmetric"] = "symmetric"
     val_fraction: float = 0.2  # of the training data (of each training domain), held out for model selection
@@ -94,6 +102,9 @@ class TrainConfig:
     base: str = "sgd"
     options: dict[str, dict[str, Any]] = field(default_factory=_default_options)
     seeds: list[int] = field(default_factory=lambda: [0])
+    # pairs [a, b] whose paired difference a - b (per seed, 95% interval) makes `pairs.csv/.md`, beside the differences
+    # to the base optimizer; a member listed in several variants stands for its best one on validation
+    compare: list[list[str]] = field(default_factory=list)
     # training
     epochs: int = 30
     batch_size: int = 64
@@ -106,6 +117,11 @@ class TrainConfig:
     useful: bool = False
     useful_epoch: int | None = None  # epochs of the early model whose outputs are clustered (None: 10% of epochs)
     useful_factor: int = 2  # times each example of a slow cluster appears
+    # LSQ quantization-aware training (shared.quant), e.g. quantize.bits=4: each unit's model is first trained in full
+    # precision by the base optimizer for quantize.fp_epochs (None: epochs; at pretrain_lr), then every arm trains it with weights
+    # and layer inputs fake-quantized to `bits` (`act_bits`: the inputs' bits, None = bits; the first and last layers
+    # at `first_last_bits`, 8 as LSQ, null = full precision); empty: no quantization
+    quantize: dict[str, Any] = field(default_factory=dict)
     m: int | None = None  # m-sharpness: micro-batch size of each perturbation (None: whole batch)
     grad_accum: int = 1  # micro-batches per step (e from their accumulated gradient)
     augment: bool = False  # the data set's train-time augmentation (CIFAR: random crop with padding 4 and flip)
@@ -138,6 +154,7 @@ class TrainConfig:
         for key in self.options:
             if key not in OPTIMIZERS:
                 raise ConfigError(OPTIMIZERS.unknown_message(key, f"options.{key}"))
+        self._check_compare()
         if not self.seeds:
             raise ConfigError("seeds: expected at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -170,6 +187,7 @@ class TrainConfig:
             check_range("val_fraction", self.val_fraction, 1e-6, 0.5)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self._check_quantize()
         for label in self.optimizers:  # every optimizer's options are checked before any work
             try:
                 self.optimizer(label, [torch.zeros(1, requires_grad=True)])
@@ -179,6 +197,50 @@ class TrainConfig:
                 key, sep, rest = str(err).partition(": ")
                 joined = sep and key.isidentifier() and where.startswith("options.")
                 raise ConfigError(f"{where}.{key}: {rest}" if joined else f"{where}: {err}") from None
+
+    def _check_compare(self) -> None:
+        grids = {variant(label)[0] for label in self.optimizers
+                 if sum(variant(other)[0] == variant(label)[0] for other in self.optimizers) > 1}
+        allowed = [*self.arms, *sorted(grids)]
+        for i, pair in enumerate(self.compare):
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ConfigError(f"compare[{i}]: expected a pair [method, reference], got {pair!r}")
+            for name in pair:
+                if name not in allowed:
+                    raise ConfigError(f"compare[{i}]: {name!r} is not trained in this run. Allowed: {', '.join(allowed)}")
+
+    def _check_quantize(self) -> None:
+        """The keys and values of `quantize` (checked by quantizing a two-layer model), and GAQAT's need of it."""
+        unknown = sorted(set(self.quantize) - set(QUANTIZE_KEYS))
+        if unknown:
+            raise ConfigError(f"quantize.{unknown[0]}: unknown key. Allowed: {', '.join(QUANTIZE_KEYS)}")
+        if self.quantize:
+            if self.quantize.get("bits") is None:
+                raise ConfigError("quantize.bits: expected an integer in 2..8 (the weights' bits), got none")
+            fp = self.quantize.get("fp_epochs")
+            if fp is not None and (not isinstance(fp, int) or fp < 0):
+                raise ConfigError(f"quantize.fp_epochs: expected an integer >= 0 or null (= epochs), got {fp!r}")
+            try:
+                self.quantized(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+            except ValueError as err:
+                raise ConfigError(f"quantize.{err}") from None
+        for i, label in enumerate(self.optimizers):
+            if variant(label)[0] == "gaqat" and not self.quantize:
+                raise ConfigError(f"optimizers[{i}]: gaqat adapts the step sizes of a quantized model; set "
+                                  "quantize.bits (e.g. quantize.bits=4), or use sagm")
+
+    def quantized(self, model: nn.Module) -> nn.Module:
+        """`model` with LSQ fake quantization as `quantize` asks (in place)."""
+        from shared.quant import quantize_model
+
+        q = {**QUANTIZE_KEYS, **self.quantize}
+        return quantize_model(model, q["bits"], q["act_bits"], q["first_last_bits"])
+
+    @property
+    def fp_epochs(self) -> int:
+        """Epochs of full-precision training before quantization-aware training."""
+        value = self.quantize.get("fp_epochs")
+        return self.epochs if value is None else value
 
     def _check_testbed(self) -> None:
         """Names only (no data is loaded here): the data set or suite for the protocol, the model."""
@@ -432,7 +494,8 @@ UnitModel = tuple[Callable[[], nn.Module], dict[str, Tensor]]  # a model factory
 def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True) -> UnitModel:
     """The unit's model factory and its initial weights: drawn from the unit's seed, then (fine-tune
     protocol, unless `pretrain` is False) pre-trained by the base optimizer on `data.pretrain` for
-    `pretrain_epochs` with the run's schedule (deterministic, so a resumed run redoes it exactly)."""
+    `pretrain_epochs` with the run's schedule, and with `quantize` trained in full precision and
+    quantized (`_quantized`); deterministic, so a resumed run redoes it exactly."""
     from testbeds import build_model
 
     shape = tuple(data.train[0].shape[1:])
@@ -445,13 +508,45 @@ def _unit_model(cfg: TrainConfig, data: UnitData, pretrain: bool = True) -> Unit
 
     torch.manual_seed(derive_seed(data.seed, "init") % 2**63)
     init = model_fn().state_dict()
-    if data.pretrain is None or not pretrain or cfg.pretrain_epochs == 0:
-        return model_fn, init
-    arm = _make_arm(cfg.base, cfg, init, model_fn, data.pretrain, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr)
-    for epoch in range(cfg.pretrain_epochs):
-        for batch in _epoch_batches(arm.train, data, "pretrain", epoch, cfg.batch_size):
+    if data.pretrain is not None and pretrain and cfg.pretrain_epochs > 0:
+        init = _pretrained(cfg, data, (model_fn, init), data.pretrain, "pretrain", cfg.pretrain_epochs, cfg.pretrain_lr)
+    if cfg.quantize:
+        return _quantized(cfg, data, (model_fn, init), pretrain)
+    return model_fn, init
+
+
+def _pretrained(cfg: TrainConfig, data: UnitData, model: UnitModel, train: Split, group: str, epochs: int,
+                lr: float | None = None) -> dict[str, Tensor]:
+    """The weights after the base optimizer trains `model` on `train` for `epochs` (the run's schedule)."""
+    model_fn, init = model
+    arm = _make_arm(cfg.base, cfg, init, model_fn, train, epochs=epochs, lr=lr)
+    for epoch in range(epochs):
+        for batch in _epoch_batches(arm.train, data, group, epoch, cfg.batch_size):
             train_step(arm, batch, cfg)
-    return model_fn, {k: v.detach().clone() for k, v in arm.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in arm.model.state_dict().items()}
+
+
+def _quantized(cfg: TrainConfig, data: UnitData, model: UnitModel, pretrain: bool = True) -> UnitModel:
+    """LSQ's start: the full-precision model trained by the base optimizer for `fp_epochs` on the unit's
+    training set at `pretrain_lr` (unless `pretrain` is False), then quantized, its step sizes initialised by one
+    eval-mode forward of the first `batch_size` training examples (LSQ's init from the weights and
+    the data; eval mode leaves batch-norm statistics as they are)."""
+    model_fn, init = model
+    if pretrain and cfg.fp_epochs > 0:
+        init = _pretrained(cfg, data, model, data.train, "full-precision", cfg.fp_epochs, cfg.pretrain_lr)
+
+    def quantized_fn() -> nn.Module:
+        return cfg.quantized(model_fn())
+
+    net = quantized_fn().to(cfg.torch_device)
+    missing, unexpected = net.load_state_dict(init, strict=False)
+    if unexpected or not all("quantizer" in key for key in missing):  # only the quantizers are new
+        raise RuntimeError(f"quantize: the full-precision weights do not fit the quantized model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    net.eval()
+    with torch.no_grad():
+        net(data.train[0][: cfg.batch_size].to(cfg.torch_device))
+    return quantized_fn, {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def _unit_arms(cfg: TrainConfig, data: UnitData, model: UnitModel, useful: Split | None = None) -> list[_Arm]:

@@ -96,6 +96,27 @@ def result_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], 
     return rows
 
 
+def pair_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], cfg: TrainConfig,
+              folds: Sequence[str | None]) -> list[dict[str, Any]]:
+    """`compare`'s pairs: the paired difference a - b of the selected test accuracy per seed (mean over
+    held-out domains), with its 95% interval. A member listed in several variants stands for its best
+    variant on validation, chosen per seed."""
+    grids = best_on_validation(units, cfg, folds)
+
+    def values(name: str) -> list[float]:
+        if name in grids:
+            return [per_seed(units, label, [seed], folds)[0] for label, seed in zip(grids[name], cfg.seeds)]
+        return per_seed(units, name, cfg.seeds, folds)
+
+    rows = []
+    for a, b in cfg.compare:
+        diff = paired_difference(values(a), values(b))
+        rows.append({"method": a, "reference": b, "seeds": len(cfg.seeds), "diff": _round(diff["mean"]),
+                     "ci95_low": _round(diff["ci_low"]), "ci95_high": _round(diff["ci_high"]),
+                     "diff_se": _round(diff["sem"]), "wins": sum(x > y for x, y in zip(values(a), values(b)))})
+    return rows
+
+
 def lodo_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], cfg: TrainConfig,
               folds: Sequence[str]) -> list[dict[str, Any]]:
     """One row per optimizer, one column per held-out domain (mean over seeds of the selected test
@@ -136,10 +157,15 @@ def finish(run: RunDir, cfg: TrainConfig, config: dict[str, Any], bed: Testbed, 
         lodo = lodo_rows(units, cfg, [f for f in bed.folds if f is not None])
         write_table(run.path / "lodo", lodo, title=f"{cfg.dataset}: test accuracy on each held-out domain "
                                                    f"(selected on training-domain validation), mean over seeds")
+    pairs = pair_rows(units, cfg, bed.folds) if cfg.compare else None
+    if pairs:
+        write_table(run.path / "pairs", pairs, title=f"{title}: paired differences (a - b) of the selected test "
+                                                     "accuracy, per seed, with 95% intervals")
     learning_curves(run.path / "curves.png", mean_curves(records), title=f"{what}: mean over units")
     summary = {
         "results": rows,
         "lodo": lodo,
+        "pairs": pairs,
         "units": [{"fold": fold, "seed": seed, "optimizer": name, "selected_epoch": u["selected"]["epoch"],
                    "val_acc": u["selected"]["val_acc"], "test_acc": u["selected"]["test_acc"],
                    "final_test_acc": u["final"]["test_acc"]} for (fold, seed, name), u in units.items()],

@@ -33,6 +33,8 @@ MODELS: Registry[ModelBuilder] = Registry("model")
 MODELS.register("cnn", target="fedsam.models:digits_cnn")
 MODELS.register("resnet18", target="fedsam.models:resnet18")
 MODELS.register("vgg11", target="fedsam.models:vgg11")
+MODELS.register("resnet18-imagenet", target="testbeds.resnet:resnet18_imagenet")
+MODELS.register("resnet50-imagenet", target="testbeds.resnet:resnet50_imagenet")
 MODELS.register("hf-classifier", target="testbeds.text_models:hf_classifier")  # lazy: transformers only when used
 
 IMAGE_DIMS = ("channels", "height", "width")

@@ -14,6 +14,7 @@ from shared.registry import Registry, UnknownNameError
 from shared.sam.backward import SamStepStats, chunk, sam_backward
 from shared.sam.base import BASE_OPTIMIZERS, BaseOptimizerSpec, SharpnessAware, resolve_base_optimizer
 from shared.sam.bn import frozen_bn_stats
+from shared.sam.gaqat import GAQAT
 from shared.sam.gsam import GSAM
 from shared.sam.member import Batch, Member, StepLosses, member_backward
 from shared.sam.obf import OBF, obf_ascent_loss
@@ -21,6 +22,7 @@ from shared.sam.sagm import SAGM
 from shared.sam.sam import ASAM, SAM
 from shared.sam.trajectory import MESA, SAF, trajectory_loss
 from shared.sam.tram import TRAM, TRAMX, TRAMInit, TRAMPrev, trust_region_distance
+from shared.sam.udim import UDIM
 
 OPTIMIZERS: Registry[type[Member]] = Registry("optimizer")
 OPTIMIZERS.register("sam")(SAM)
@@ -28,11 +30,13 @@ OPTIMIZERS.register("asam")(ASAM)
 OPTIMIZERS.register("gsam")(GSAM)
 OPTIMIZERS.register("obf")(OBF)
 OPTIMIZERS.register("sagm")(SAGM)
+OPTIMIZERS.register("gaqat")(GAQAT)
 OPTIMIZERS.register("saf")(SAF)
 OPTIMIZERS.register("mesa")(MESA)
 OPTIMIZERS.register("tram-prev")(TRAMPrev)
 OPTIMIZERS.register("tram-init")(TRAMInit)
 OPTIMIZERS.register("tram-x")(TRAMX)
+OPTIMIZERS.register("udim")(UDIM)
 
 
 def build_optimizer(
@@ -56,6 +60,7 @@ def build_optimizer(
 __all__ = [
     "ASAM",
     "BASE_OPTIMIZERS",
+    "GAQAT",
     "GSAM",
     "MESA",
     "OBF",
@@ -64,6 +69,7 @@ __all__ = [
     "SAGM",
     "SAM",
     "TRAM",
+    "UDIM",
     "Batch",
     "Member",
     "SamStepStats",

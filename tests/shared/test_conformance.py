@@ -187,6 +187,9 @@ MEMBERS: dict[str, Member] = {
     # alpha large enough that its term shows against rho / ||g|| on the test net
     "sagm": Member(rho=0.05, options={"alpha": 0.02}, perturbation=partial(sagm_perturbation, alpha=0.02),
                    descent=sagm_descent),
+    # on a model without LSQ step sizes GAQAT is SAGM (its own part: tests/shared/test_gaqat.py)
+    "gaqat": Member(rho=0.05, options={"alpha": 0.02}, perturbation=partial(sagm_perturbation, alpha=0.02),
+                    descent=sagm_descent),
 }
 
 
@@ -422,7 +425,8 @@ def test_references_are_pairwise_distinct() -> None:
     """Each member's formula moves the weights differently from every other and from the base
     step alone, so that a test passing with the wrong member's formula is impossible."""
     steps = [[b] for b in make_batches(2)]
-    runs = {name: reference_run(name, "sgd", steps)[-1] for name in NAMES}
+    # GAQAT is SAGM on a model without LSQ step sizes, by design
+    runs = {name: reference_run(name, "sgd", steps)[-1] for name in NAMES if name != "gaqat"}
     plain = Net()
     opt = torch.optim.SGD(plain.parameters(), **BASES["sgd"].options)
     for ((x, y),) in steps:
@@ -721,6 +725,7 @@ def test_every_api_path_is_an_optimizer_step(name: str, path: str) -> None:
     opt.register_step_post_hook(lambda *args: post.append(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "GAQAT: none of the perturbed parameters")  # no step sizes in Net: SAGM
         for t, batch in enumerate(make_batches(3)):
             PATHS[path](opt, model, batch)
             scheduler.step()
@@ -1000,7 +1005,7 @@ def test_dropped_gradients_hold_the_perturbed_weights(name: str) -> None:
         opt.step()
         opt.zero_grad()
         assert all("backup" not in opt.state[p] for p in model.parameters())
-        expected = len(pointers) if name in ("gsam", "sagm") and step == 0 else 0  # their copy of g, allocated once
+        expected = len(pointers) if name in ("gsam", "sagm", "gaqat") and step == 0 else 0  # their copy of g, once
         assert len(big) == expected, big
 
 

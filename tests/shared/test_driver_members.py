@@ -1,6 +1,7 @@
 """SAF, MESA and TRAM against float64 references of their papers' formulas, written here per step in
 plain code, and the contract checks every driver-only member passes (resume, accumulation, groups,
-mixed precision, bad input). A new driver-only member must be added to `MEMBERS`.
+mixed precision, bad input). A new driver-only member must be added to `MEMBERS`. UDIM's own
+formulas are in test_udim.py.
 
 Papers: SAF and MESA (Du et al., NeurIPS 2022), TRAM (Sherborne et al., ICLR 2024).
 """
@@ -31,6 +32,7 @@ MEMBERS: dict[str, dict[str, Any]] = {
     "tram-prev": {},
     "tram-init": {},
     "tram-x": {"sigma": 0.3},
+    "udim": {"rho_x": 0.5, "lam": 1.0, "warmup_steps": 0},  # an input step of the data's scale: the term matters
 }
 
 
@@ -235,7 +237,12 @@ def test_resume_from_state_dict_repeats_the_uninterrupted_run(name: str) -> None
     torch.testing.assert_close(model.bn.running_mean, whole.bn.running_mean, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("name", [n for n in MEMBERS if n != "tram-x"])  # tram-x draws its noise per micro-batch
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.skip(reason=(
+        "udim: its term is not a mean over examples (R_var is a variance of per-example gradients across the "
+        "micro-batch, and ||g|| in x~'s objective is the micro-batch's), so k micro-batches give the mean of k "
+        "terms, not the whole batch's term; test_udim.py checks that mean instead"))) if n == "udim" else n
+    for n in MEMBERS if n != "tram-x"])  # tram-x draws its noise per micro-batch
 def test_accumulation_equals_one_big_batch(name: str) -> None:
     one, _ = run(name, epochs(4))
     two, _ = run(name, epochs(4), k=2)
@@ -296,7 +303,9 @@ def test_bf16_autocast_runs_finite(name: str) -> None:
 @pytest.mark.parametrize("name", MEMBERS)
 def test_passes_per_step(name: str) -> None:
     """SAF: 1 forward, 1 backward (the base optimizer's cost); MESA: 2 forwards, 1 backward;
-    TRAM: 3 forwards, 2 backwards (SEED_METHODS.md 1b, 2b)."""
+    TRAM: 3 forwards, 2 backwards (SEED_METHODS.md 1b, 2b). UDIM's floor is SAM's two passes (the
+    benchmark then reports its cost over SAM's); it runs 4 forwards (x~'s and the one on [x; x~]
+    besides SAM's) and 4 backwards through fc1 (SAM's two, grad_w CE for x~'s objective, L_inc's)."""
     model = Net()
     forwards: list[int] = []
     model.register_forward_hook(lambda *_: forwards.append(1))
@@ -310,10 +319,12 @@ def test_passes_per_step(name: str) -> None:
     forwards.clear(), backwards.clear()
     member_backward(opt, model, [Batch(x[idx], y[idx], idx)])
     opt.step()
-    expected = {"saf": (1, 1), "mesa": (2, 1), "tram-prev": (3, 2), "tram-init": (3, 2), "tram-x": (3, 2)}[name]
+    expected = {"saf": (1, 1), "mesa": (2, 1), "tram-prev": (3, 2), "tram-init": (3, 2), "tram-x": (3, 2),
+                "udim": (2, 2)}[name]
+    counted = {"udim": (4, 4)}.get(name, expected)  # what runs, where it exceeds the floor
     assert (sum(opt.passes), opt.passes[0]) == expected  # what the benchmark times as the member's floor
     # the copies of the model (MESA's EMA, TRAM's target) are made after the hook, so they carry it
-    assert (len(forwards), len(backwards)) == expected
+    assert (len(forwards), len(backwards)) == counted
 
 
 def test_tram_max_radius_caps_d() -> None:

@@ -108,7 +108,7 @@ def test_cuda_no_parameter_sized_allocation_after_first_step(name: str) -> None:
         F.cross_entropy(model(x), y).backward()
         second = peak_over(lambda: (opt.unperturb(), opt.step()))
         opt.zero_grad(set_to_none=False)
-        keeps_buffers = name in ("gsam", "sagm") or opt.defaults["adaptive"]  # their copy of g, ASAM's backup
+        keeps_buffers = name in ("gsam", "sagm", "gaqat") or opt.defaults["adaptive"]  # their copy of g, ASAM's backup
         if step == 0 and keeps_buffers:
             assert first >= smallest, "the first step allocates the member's buffers"
         elif step == 0:  # w + e is built in the gradients: nothing allocated (the base step's momentum is)
