@@ -9,7 +9,8 @@ the issues' nominal floors (2, 4/3, 7/3) assume a backward costs two forwards, w
 first layer needs no input gradient (the digits CNN) does not satisfy. `over_floor` is what a
 member adds on top of its floor: perturbation, restore, gradient norm, its own terms, Python per
 tensor. Beside them, `sgd+trajectory_loss`: the SGD step with SAF's and MESA's KL term against a
-constant target, what either costs before its own bookkeeping. Two models: the digits
+constant target, what either costs before its own bookkeeping; `sgd+lsq_w4a4`: the SGD step on the model
+fake-quantized by LSQ at 4 bits (`shared.quant`), the overhead quantization-aware training adds. Two models: the digits
 CNN (few, large tensors), the MNIST-1D CNN of the testbeds, and a deep MLP with 102 parameter
 tensors, where per-tensor overhead shows. Members that keep state of their own (SAF's buffer,
 MESA's and TRAM's model copies) report its size in bytes. Besides our members under both user-facing drivers, it times `pytorch_optimizer`'s SAM
@@ -61,6 +62,7 @@ DRIVERS = ("steps", "sam_backward", "member_backward")  # driver-only members: m
 PTO = "pytorch_optimizer.SAM"
 LOOP = "loop_sam"
 TERM = "sgd+trajectory_loss"  # the base step plus SAF's/MESA's KL term against a fixed target: no bookkeeping
+QUANT = "sgd+lsq_w4a4"  # the base step on the model fake-quantized by LSQ at 4 bits: the fake-quant overhead
 PASS_WORDS = {1: "one_pass", 2: "two_passes"}
 
 
@@ -148,7 +150,7 @@ class LoopSAM(torch.optim.Optimizer):
 
 @dataclass
 class Candidate:
-    member: str  # "sgd", a member of shared.OPTIMIZERS, PTO, LOOP, TERM or a floor (`floor_name`)
+    member: str  # "sgd", a member of shared.OPTIMIZERS, PTO, LOOP, TERM, QUANT or a floor (`floor_name`)
     driver: str  # "base", "steps" (first_step/second_step), "sam_backward" or "member_backward" (+ opt.step()), "floor"
     model: nn.Module
     step: Callable[[], None]
@@ -180,6 +182,18 @@ def _term_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tenso
         opt.step()
 
     return step
+
+
+def _quantized_step(model: nn.Module, x: Tensor, y: Tensor, base_kwargs: dict[str, Any]) -> Callable[[], None]:
+    """The base step on `model` quantized in place at W4A4 (first and last layers at 8 bits, as LSQ),
+    its step sizes initialised on the batch: what quantization-aware training adds to any member."""
+    from shared.quant import quantize_model
+
+    quantize_model(model, bits=4)
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()
+    return _base_step(model, build_optimizer(BASE, model.parameters(), **base_kwargs), x, y)
 
 
 def _floor_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, passes: tuple[int, int]
@@ -255,7 +269,7 @@ def _passes(member: str) -> tuple[int, int]:
     if member in OPTIMIZERS:
         return OPTIMIZERS.get(member).passes
     floors = {floor_name(p): p for p in _floor_passes()}
-    return floors.get(member, (1, 0) if member in (BASE, TERM) else (2, 0))
+    return floors.get(member, (1, 0) if member in (BASE, TERM, QUANT) else (2, 0))
 
 
 def _floor_passes() -> list[tuple[int, int]]:
@@ -307,6 +321,7 @@ def _candidates(spec: ModelSpec, seed: int) -> list[Candidate]:
         add(PTO, "steps", lambda m: _two_step(m, pto_sam(m.parameters(), torch.optim.SGD, rho=RHO, **base_kwargs), x, y))
     add(LOOP, "steps", lambda m: _two_step(m, LoopSAM(m.parameters(), torch.optim.SGD, rho=RHO, **base_kwargs), x, y))
     add(TERM, "base", lambda m: _term_step(m, build_optimizer(BASE, m.parameters(), **base_kwargs), x, y))
+    add(QUANT, "base", lambda m: _quantized_step(m, x, y, base_kwargs))
     return out
 
 

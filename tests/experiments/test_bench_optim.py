@@ -50,7 +50,7 @@ def test_both_models_with_every_candidate(quick_run) -> None:
     for model in result["models"].values():
         rows = model["optimizers"]
         floors = {"two_passes", "one_pass+1_forward", "two_passes+1_forward"}  # the passes of every member
-        expected = {"sgd", optim.LOOP, optim.TERM, *floors, *OPTIMIZERS.names()} | ({optim.PTO} if have_pto else set())
+        expected = {"sgd", optim.LOOP, optim.TERM, optim.QUANT, *floors, *OPTIMIZERS.names()} | ({optim.PTO} if have_pto else set())
         assert set(rows) == expected
         assert set(rows["sgd"]) == {"base"} and all(set(rows[f]) == {"floor"} for f in floors)
         assert rows["sgd"]["base"]["ratio"] == pytest.approx(1.0)
@@ -84,7 +84,7 @@ def test_each_member_is_measured_over_the_floor_of_its_own_passes(quick_run) -> 
     for member, name in (("sam", "two_passes"), ("mesa", "one_pass+1_forward"), ("tram-x", "two_passes+1_forward")):
         row = rows[member]["member_backward"]
         assert row["floor"] == name and row["over_floor"] == pytest.approx(row["ratio"] - floor[name])
-    for row in (rows["saf"]["member_backward"], rows[optim.TERM]["base"]):
+    for row in (rows["saf"]["member_backward"], rows[optim.TERM]["base"], rows[optim.QUANT]["base"]):
         assert row["floor"] == "sgd" and row["over_floor"] == pytest.approx(row["ratio"] - 1.0)
 
 

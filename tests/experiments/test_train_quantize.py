@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from experiments import train
-from experiments.train import _quantized, _unit_model, run_train
+from experiments.train import TrainConfig, _quantized, _unit_model, run_train
 from shared.config import ConfigError
 from shared.quant import QuantScale
 from shared.runio import RunDir
@@ -104,3 +104,27 @@ def test_compare_gives_paired_differences_between_any_two_methods(tmp_path: Path
         small(tmp_path, "x", optimizers=["sgd", "sam"], compare=[["udim", "sam"]])
     with pytest.raises(ConfigError, match=r"^compare\[0\]: expected a pair"):
         small(tmp_path, "x", optimizers=["sgd", "sam"], compare=[["sam"]])
+
+
+def test_paper_scale_pacs_configs_run_on_a_tiny_domainbed_folder(tmp_path: Path) -> None:
+    """The PACS configs with their real loading code (a DomainBed folder, an ImageNet ResNet whose weights come
+    from a local file in timm's layout) on 4 tiny domains of 2 classes."""
+    from safetensors.torch import save_file
+
+    from shared.config import load_config
+    from testbeds import build_model
+    from tests.testbeds.test_domains import make_folder
+
+    root = make_folder(tmp_path / "PACS", domains=("art_painting", "cartoon", "photo", "sketch"), per_class=4)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in build_model("resnet18-imagenet", 1000, (3, 32, 32)).state_dict().items()},
+              str(weights))
+    common = [f"dataset_options.root={root}", "dataset_options.image_size=32", "model=resnet18-imagenet",
+              f"model_options.weights={weights}", f"out_dir={tmp_path}", "epochs=1", "batch_size=8", "seeds=[0]",
+              "domains=[sketch]", "device=cpu"]
+    for name, extra in (("paper_pacs_dg.yaml", ["options.udim.warmup_steps=0"]),
+                        ("paper_pacs_gaqat.yaml", ["quantize.fp_epochs=1"])):
+        cfg = load_config(TrainConfig, Path("experiments/configs/train") / name, common + extra)
+        summary = run_train(cfg)
+        assert [r["method"] for r in summary["lodo"]] == cfg.optimizers
+        assert summary["pairs"] and all(0.0 <= r["test_acc"] <= 1.0 for r in summary["results"])
