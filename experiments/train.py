@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from shared import BASE_OPTIMIZERS, OPTIMIZERS, Batch, build_optimizer, chunk, member_backward
+from shared import BASE_OPTIMIZERS, OPTIMIZERS, Batch, Member, build_optimizer, chunk, member_backward
 from shared.config import ConfigError, apply_overrides, check_finite, plain_value, to_dict
 from shared.errors import Diverged
 from shared.runio import RunDir, check_run_name
@@ -628,6 +628,8 @@ def _epoch_record(arm: _Arm, epoch: int, data: UnitData) -> dict[str, Any]:
         loss, acc = evaluate(arm.model, *getattr(data, split))
         record.update({f"{split}_loss": loss, f"{split}_acc": acc})
     record["lr"] = arm.sched.get_last_lr()[0]
+    if isinstance(arm.opt, Member):
+        record.update(arm.opt.metrics())
     return record
 
 

@@ -118,6 +118,9 @@ class GAQAT(SAGM):
         """(S,) 1.0 for the step sizes (in parameter order) whose task gradient is frozen."""
         return self._frozen
 
+    def metrics(self) -> dict[str, float]:
+        return {} if self._frozen is None else {"gaqat_frozen_fraction": float(self._frozen.mean())}
+
     def member_state(self) -> dict[str, Any]:
         if self._signs is None:
             return {}

@@ -74,6 +74,11 @@ class Member:
         """What a resumed run needs besides the base optimizer's state (tensors and plain values)."""
         return {}
 
+    def metrics(self) -> dict[str, float]:
+        """What a training loop logs about the member's own workings (TRAM's radius, GAQAT's frozen
+        step sizes); plain numbers, read once per epoch."""
+        return {}
+
     def load_member_state(self, state: dict[str, Any]) -> None:
         """Restore what `member_state` returned."""
 

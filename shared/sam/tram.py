@@ -134,6 +134,9 @@ class TRAM(SharpnessAware):
                 torch._foreach_copy_(target + target_other, model + model_other)
         super()._base_step()
 
+    def metrics(self) -> dict[str, float]:
+        return {} if self._radius is None else {"tram_radius": float(self._radius)}
+
     # ------------------------------------------------------------------ state
     def member_state(self) -> dict[str, Any]:
         state = self._teacher.state()

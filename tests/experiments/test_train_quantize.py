@@ -40,6 +40,9 @@ def test_quantized_arms_start_from_the_full_precision_model(tmp_path: Path) -> N
     assert torch.equal(trained["features.0.weight"], init["features.0.weight"])  # deterministic: same FP training
     assert not torch.equal(fp_init["features.0.weight"], init["features.0.weight"])  # fp_epochs trained it
     summary = run_train(cfg)
+    records = RunDir(tmp_path / "q").metrics()
+    assert all(0 <= r["gaqat_frozen_fraction"] <= 1 for r in records if r["optimizer"] == "gaqat")
+    assert all("gaqat_frozen_fraction" not in r for r in records if r["optimizer"] != "gaqat")
     assert [r["method"] for r in summary["lodo"]] == ["sgd", "sagm", "gaqat"]
     assert all(0.1 < r["test_acc"] <= 1 for r in summary["results"])
 

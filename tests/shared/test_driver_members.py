@@ -331,6 +331,7 @@ def test_tram_max_radius_caps_d() -> None:
     _, free = run("tram-init", epochs(2))
     _, capped = run("tram-init", epochs(2), {"max_radius": 1e-4})
     assert free.last_radius.item() > 1e-3 and capped.last_radius.item() == pytest.approx(1e-4)
+    assert capped.metrics() == {"tram_radius": pytest.approx(1e-4)}  # what samsuite train logs per epoch
 
 
 def test_saf_buffer_is_n_by_past_plus_one_by_c_and_float16_halves_it() -> None:

@@ -57,6 +57,7 @@ def test_scripted_gradients_freeze_the_steady_scale_for_good() -> None:
     assert masks[:3] == [[0.0, 0.0]] * 3  # fewer than `window` steps recorded: no decision
     assert masks[3] == [1.0, 0.0]  # step 4: disorder 0 (steady) < 0.5 <= 1 (flipping)
     assert masks[4:] == [[1.0, 0.0]] * 4
+    assert opt.metrics() == {"gaqat_frozen_fraction": 0.5}
 
 
 def reference_step(model: ScaledNet, b: Batch, frozen: list[float]) -> list[Tensor]:
