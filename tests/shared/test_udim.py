@@ -17,25 +17,11 @@ from torch import Tensor, nn
 from shared import OPTIMIZERS, Batch, build_optimizer, chunk, member_backward
 from shared.sam import UDIM
 from shared.sam.udim import find_head, inconsistency_terms, per_example_head_grads, perturbed_inputs
+from tests.shared.test_driver_members import Net  # the same 2-layer net, float64
 
 IN, HIDDEN, CLASSES, N = 5, 7, 4, 12
 LR, RHO, RHO_X, LAM = 0.1, 0.05, 0.5, 1.0
 ATOL = 1e-10
-
-
-class Net(nn.Module):
-    def __init__(self, seed: int = 0, bn: bool = False, dtype: torch.dtype = torch.float64) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(IN, HIDDEN, dtype=dtype)
-        self.bn = nn.BatchNorm1d(HIDDEN, dtype=dtype) if bn else nn.Identity()
-        self.fc2 = nn.Linear(HIDDEN, CLASSES, dtype=dtype)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(0.7 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
 
 
 def features(ws: list[Tensor], x: Tensor) -> Tensor:
