@@ -110,10 +110,11 @@ def pair_rows(units: Mapping[tuple[str | None, int, str], Mapping[str, Any]], cf
 
     rows = []
     for a, b in cfg.compare:
-        diff = paired_difference(values(a), values(b))
+        ours, theirs = values(a), values(b)
+        diff = paired_difference(ours, theirs)
         rows.append({"method": a, "reference": b, "seeds": len(cfg.seeds), "diff": _round(diff["mean"]),
                      "ci95_low": _round(diff["ci_low"]), "ci95_high": _round(diff["ci_high"]),
-                     "diff_se": _round(diff["sem"]), "wins": sum(x > y for x, y in zip(values(a), values(b)))})
+                     "diff_se": _round(diff["sem"]), "wins": sum(x > y for x, y in zip(ours, theirs))})
     return rows
 
 

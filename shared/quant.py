@@ -169,38 +169,36 @@ def _copy_parameters(new: nn.Module, layer: nn.Module) -> None:
     new.train(layer.training)
 
 
-class QuantConv1d(nn.Conv1d):
-    """Conv1d on the LSQ-quantized weight (signed, per layer) and input (signedness from the data)."""
+class _QuantConv:
+    """What the quantized convolutions share: the quantizers, the copy from a float layer, and the
+    convolution on the LSQ-quantized weight (signed, per layer) and input (signedness from the data)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    weight_quantizer: LSQQuantizer
+    input_quantizer: LSQQuantizer
+    _conv_forward: Callable[..., Tensor]
 
     def __init__(self, *args: Any, bits: int, act_bits: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _add_quantizers(self, bits, act_bits)
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        _add_quantizers(self, bits, act_bits)  # type: ignore[arg-type]
 
     @classmethod
-    def from_float(cls, layer: nn.Conv1d, bits: int, act_bits: int) -> QuantConv1d:
+    def from_float(cls, layer: nn.Conv1d | nn.Conv2d, bits: int, act_bits: int) -> Any:
         new = cls(**_conv_kwargs(layer), bits=bits, act_bits=act_bits)
-        _copy_parameters(new, layer)
+        _copy_parameters(new, layer)  # type: ignore[arg-type]
         return new
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
-class QuantConv2d(nn.Conv2d):
-    """Conv2d on the LSQ-quantized weight (signed, per layer) and input (signedness from the data)."""
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    """Conv1d on the LSQ-quantized weight and input."""
 
-    def __init__(self, *args: Any, bits: int, act_bits: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        _add_quantizers(self, bits, act_bits)
 
-    @classmethod
-    def from_float(cls, layer: nn.Conv2d, bits: int, act_bits: int) -> QuantConv2d:
-        new = cls(**_conv_kwargs(layer), bits=bits, act_bits=act_bits)
-        _copy_parameters(new, layer)
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    """Conv2d on the LSQ-quantized weight and input."""
 
 
 class QuantLinear(nn.Linear):

@@ -183,6 +183,13 @@ class SharpnessAware(Member, Optimizer):
     def _descent_grads_(self, plan: _Plan) -> None:
         """Turns the gradients at w+e into the descent direction, in place (GSAM)."""
 
+    def _keep_first_grads(self, plan: _Plan, grads: list[list[Tensor]]) -> list[list[Tensor]]:
+        """A copy of the first-pass gradients g in buffers allocated once, for members whose descent
+        uses g beside g_p (GSAM, SAGM)."""
+        kept = self._plan_buffers(plan, "g0")
+        torch._foreach_copy_(plan.flat(kept), plan.flat(grads))
+        return kept
+
     # ----------------------------------------------------------------- the two steps
     def _make_plan(self) -> _Plan:
         """The plan for the parameters that have gradients now. Rebuilt only when that set (or the

@@ -68,8 +68,7 @@ class GSAM(SharpnessAware):
         return group["rho_min"] + (group["rho"] - group["rho_min"]) * frac
 
     def _before_perturb(self, plan: _Plan, grads: list[list[Tensor]]) -> None:
-        self._g0 = self._plan_buffers(plan, "g0")
-        torch._foreach_copy_(plan.flat(self._g0), plan.flat(grads))
+        self._g0 = self._keep_first_grads(plan, grads)
 
     def _descent_grads_(self, plan: _Plan) -> None:
         g0 = plan.flat(self._g0)

@@ -49,8 +49,7 @@ class SAGM(SharpnessAware):
             raise ValueError(f"param_groups[{index}].adaptive: SAGM has no adaptive variant")
 
     def _before_perturb(self, plan: _Plan, grads: list[list[Tensor]]) -> None:
-        self._g0 = self._plan_buffers(plan, "g0")
-        torch._foreach_copy_(plan.flat(self._g0), plan.flat(grads))
+        self._g0 = self._keep_first_grads(plan, grads)
 
     def _perturbation_(self, plan: _Plan, work: list[list[Tensor]]) -> None:
         """work <- e = (rho / ||g|| - alpha) g, in place (the norm over every perturbed group); the
