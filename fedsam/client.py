@@ -141,6 +141,27 @@ def batch_indices(n: int, batch_size: int, steps: int, gen: torch.Generator) -> 
             done += 1
 
 
+def node_batches(cfg: FedConfig, data: FederatedData, node: int, round_idx: int
+                 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Node `node`'s K mini-batches of round `round_idx` as (x, y, idx), augmented: batch order and
+    augmentation share one generator seeded by derive_seed(cfg.seed, "local", node, round_idx), so
+    every engine that draws them this way gives the node the same batches."""
+    local = data.nodes[node]
+    n = len(local.train_y)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "local", node, round_idx))
+    for idx in batch_indices(n, cfg.batch_size, cfg.local_step_count(n), gen):
+        x, y = local.train_x[idx], local.train_y[idx]
+        if data.augment is not None:
+            x = data.augment(x, gen)
+        yield x, y, idx
+
+
+def mean_loss(losses: Tensor, sizes: list[int]) -> float:
+    """A node's train_loss: the per-step mean losses weighted by the steps' batch sizes (float64)."""
+    weights = torch.tensor(sizes, dtype=torch.float64)
+    return float((losses.double().cpu() * weights).sum() / weights.sum())
+
+
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
     """One local step of any local optimizer (a SAM-family member or a plain base optimizer: one
     driver, so no optimizer is special-cased here). `idx`: the examples' positions in the node's
@@ -183,8 +204,7 @@ def local_update(
     previous round's last step (before that step's update and the mixing)."""
     t0 = time.perf_counter()
     device = cfg.torch_device
-    local = data.nodes[node]
-    n = len(local.train_y)
+    n = len(data.nodes[node].train_y)
     model = node_model(cfg, data)
     model.load_state_dict(state)
     model.train()
@@ -192,22 +212,15 @@ def local_update(
     member = opt if isinstance(opt, Member) else Member()  # a plain base optimizer has no state of its own
     if member_state is not None:
         member.load_member_state(dict(member_state))
-    steps = cfg.local_step_count(n)
-    seed = derive_seed(cfg.seed, "local", node, round_idx)
-    gen = torch.Generator().manual_seed(seed)
     losses, sizes = [], []
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)  # randomness inside the model (dropout)
-        for idx in batch_indices(n, cfg.batch_size, steps, gen):
-            x, y = local.train_x[idx], local.train_y[idx]
-            if data.augment is not None:
-                x = data.augment(x, gen)
+        torch.manual_seed(derive_seed(cfg.seed, "local", node, round_idx))  # randomness inside the model (dropout)
+        for x, y, idx in node_batches(cfg, data, node, round_idx):
             losses.append(_train_step(model, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True), idx))
             sizes.append(len(idx))
-    weights = torch.tensor(sizes, dtype=torch.float64)
-    train_loss = float((torch.stack(losses).double().cpu() * weights).sum() / weights.sum())
+    metrics = {"train_loss": mean_loss(torch.stack(losses), sizes), "num_examples": n, "num_steps": len(sizes),
+               "compute_s": time.perf_counter() - t0}
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    metrics = {"train_loss": train_loss, "num_examples": n, "num_steps": steps, "compute_s": time.perf_counter() - t0}
     if member_state is None:
         return new_state, metrics
     return new_state, metrics, member.member_state()

@@ -34,7 +34,10 @@ class FedConfig:
 
     name: str | None = None  # run folder name under out_dir; None: derived from the settings
     out_dir: str = "runs"
-    engine: Literal["inprocess", "flower"] = "inprocess"
+    # inprocess: nodes one after the other; batched: all nodes' local steps in one vectorized pass
+    # (fedsam.batched); auto: batched where the optimizer and model allow it, else inprocess; flower
+    engine: Literal["inprocess", "batched", "auto", "flower"] = "inprocess"
+    node_chunk: int | None = None  # batched engine: nodes per vectorized pass (None: sized from free memory)
     algorithm: str = "dfedsam"  # see fedsam.algorithms.ALGORITHMS
     rounds: int = 30
     # data and model
@@ -85,7 +88,7 @@ class FedConfig:
             _check_int(key, getattr(self, key), 1)
         _check_int("num_nodes", self.num_nodes, 2)
         self._check_size()
-        for key in ("local_epochs", "local_steps", "threads"):
+        for key in ("local_epochs", "local_steps", "threads", "node_chunk"):
             if getattr(self, key) is not None:
                 _check_int(key, getattr(self, key), 1)
         if self.local_epochs is not None and self.local_steps is not None:
@@ -103,6 +106,9 @@ class FedConfig:
         _wrap(check_device, "device", self.device)
         self._check_topology()
         self._check_optimizer()
+        if self.engine == "batched" and self.unbatchable_reason() is not None:
+            raise ConfigError(f"engine: batched cannot run optimizer={self.optimizer_name!r}: "
+                              f"{self.unbatchable_reason()}; use engine=inprocess (or auto, which falls back)")
         if self.name is None:
             self.name = f"{self.dataset}-{self.algorithm}-{self.topology}-{self.partitioner}-n{self.num_nodes}-s{self.seed}"
 
@@ -186,11 +192,20 @@ class FedConfig:
             return self.local_steps
         return (self.local_epochs or 1) * -(-num_train // self.batch_size)
 
-    def local_optimizer(self, params: Iterable[Tensor], round_idx: int) -> Optimizer:
+    def unbatchable_reason(self) -> str | None:
+        """Why the local optimizer cannot train stacked nodes (`Member.batchable`), or None if it can;
+        plain base optimizers are element-wise and always can."""
+        name = self.optimizer_name
+        if name in OPTIMIZERS and not OPTIMIZERS.get(name).batchable:
+            return "its state or hooks see one model at a time (Member.batchable is False)"
+        return None
+
+    def local_optimizer(self, params: Iterable[Tensor], round_idx: int, *, replicas: int | None = None) -> Optimizer:
         """A fresh local optimizer for round `round_idx` (state such as momentum restarts every
         round from x_i, as in the algorithms' local loops; a member's own state, such as SAF's
         buffer, is the node's and `local_update` loads it). `rho` goes only to members whose
-        constructor takes one."""
+        constructor takes one. `replicas=R`: the parameters stack R nodes' models along dim 0
+        (the batched engine); a member then takes its norms per node."""
         name = self.optimizer_name
         base = self.base_optimizer if name in OPTIMIZERS else name
         kwargs: dict[str, Any] = {"lr": self.round_lr(round_idx), "weight_decay": self.weight_decay}
@@ -201,6 +216,8 @@ class FedConfig:
         if name in OPTIMIZERS:
             if "rho" in inspect.signature(OPTIMIZERS.get(name)).parameters:  # members without a radius refuse one
                 kwargs["rho"] = self.rho
+            if replicas is not None:
+                kwargs["replicas"] = replicas
             return build_optimizer(name, params, base, **self.optimizer_options, **kwargs)
         return build_optimizer(name, params, **self.optimizer_options, **kwargs)
 

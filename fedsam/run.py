@@ -45,7 +45,8 @@ if TYPE_CHECKING:
     from fedsam.data import FederatedData
 
 # Config fields that do not change a run's numbers: a run may resume with other values (more rounds, say).
-RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "engine", "rounds", "checkpoint_every", "max_loss")
+RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "engine", "node_chunk", "rounds", "checkpoint_every",
+                  "max_loss")
 EVAL_KEYS = ("test_acc", "test_loss", "personal_acc_mean", "personal_acc_std")
 
 #: A node's round result: (y_i, metrics), or (y_i, metrics, new member state) from an engine that

@@ -115,7 +115,14 @@ class SharpnessAware(Member, Optimizer):
     """Base of every perturbing member: perturb w by e (a hook), evaluate the gradient there,
     restore w, let the base optimizer step. Group options: `rho` (> 0), `perturb` (False excludes
     the group, e.g. norms and biases), `adaptive` and `eta` (ASAM's T_w = |w| + eta). The hooks of
-    `shared.sam.member.Member` let a member read the model and the first pass (OBF, TRAM)."""
+    `shared.sam.member.Member` let a member read the model and the first pass (OBF, TRAM).
+
+    `replicas=R`: every parameter holds R independent models stacked along its first dimension
+    (fedsam's batched engine trains R nodes at once), so every norm and inner product is taken per
+    row: replica r gets e_r = rho g_r / ||g_r||, exactly what it would get alone. The base step is
+    element-wise and needs nothing. Members whose hooks see one model say `batchable = False`."""
+
+    batchable: ClassVar[bool] = True
 
     #: Whether e is unchanged when the gradients are multiplied by a loss scale (GradScaler): so for
     #: e = rho g / ||g||. A member whose e is not (SAGM's alpha g) reads `loss_scale`, which
@@ -130,9 +137,17 @@ class SharpnessAware(Member, Optimizer):
         adaptive: bool = False,
         eta: float = 0.01,
         perturb_eps: float = 1e-12,
+        replicas: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         check_positive("rho", rho)
+        if replicas is not None:
+            if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+                raise ValueError(f"replicas: expected an integer >= 1 (or None), got {replicas!r}")
+            if not type(self).batchable:
+                raise ValueError(f"replicas: {type(self).__name__} cannot treat stacked replicas independently "
+                                 "(its state or hooks see one model); train the replicas one at a time")
+        self.replicas = replicas
         check_nonnegative("eta", eta)
         check_positive("perturb_eps", perturb_eps)
         self.eps = perturb_eps  # named as in pytorch_optimizer: `eps` is the base optimizer's (Adam...)
@@ -210,6 +225,10 @@ class SharpnessAware(Member, Optimizer):
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("sparse gradients are not supported by SAM-family optimizers")
+            if self.replicas is not None and any(p.dim() == 0 or p.shape[0] != self.replicas for p in params):
+                shapes = sorted({tuple(p.shape) for p in params})
+                raise ValueError(f"replicas: expected every perturbed parameter to stack {self.replicas} replicas "
+                                 f"along its first dimension, got shapes {shapes[:4]}")
             plan.groups.append(group)
             plan.params.append(params)
         return plan
@@ -254,11 +273,11 @@ class SharpnessAware(Member, Optimizer):
                 torch._foreach_abs_(t)
                 torch._foreach_add_(t, group["eta"])
                 torch._foreach_mul_(g, t)
-        scale = self.eps + global_norm(plan.flat(work))
+        scale = self.eps + global_norm(plan.flat(work), self.replicas)
         for is_adaptive, t, g, group in zip(adaptive, temps, work, plan.groups):
             if is_adaptive:
                 torch._foreach_mul_(g, t)
-            torch._foreach_mul_(g, self._rho(group) / scale)
+            mul_rows_(g, self._rho(group) / scale)
 
     @torch.no_grad()
     def unperturb(self) -> None:
@@ -387,15 +406,32 @@ def _owns_storage(t: Tensor) -> bool:
     return type(t) is Tensor and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
-def global_norm(tensors: list[Tensor]) -> Tensor:
-    """||concat(tensors)||_2 in float32 or wider, whatever the tensors' dtypes."""
+def global_norm(tensors: list[Tensor], replicas: int | None = None) -> Tensor:
+    """||concat(tensors)||_2 in float32 or wider, whatever the tensors' dtypes; with `replicas`, the
+    norm of each replica's row (shape (replicas,)) over tensors that stack them along dim 0."""
     if not tensors:
-        return torch.zeros(())
+        return torch.zeros(() if replicas is None else (replicas,))
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    if replicas is not None:
+        rows = [torch.linalg.vector_norm(t.reshape(replicas, -1), dim=1, dtype=dtype) for t in tensors]
+        return torch.linalg.vector_norm(torch.stack(rows), dim=0)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
-def global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """<concat(a), concat(b)> without concatenating (one small tensor per pair)."""
+def global_dot(a: list[Tensor], b: list[Tensor], replicas: int | None = None) -> Tensor:
+    """<concat(a), concat(b)> without concatenating (one small tensor per pair); with `replicas`,
+    one inner product per replica's row (shape (replicas,))."""
     dtype = torch.promote_types(a[0].dtype, torch.float32)
+    if replicas is not None:
+        rows = [torch.linalg.vecdot(x.reshape(replicas, -1), y.reshape(replicas, -1)).to(dtype) for x, y in zip(a, b)]
+        return torch.stack(rows).sum(0)
     return torch.stack([torch.vdot(x.reshape(-1), y.reshape(-1)).to(dtype) for x, y in zip(a, b)]).sum()
+
+
+def mul_rows_(tensors: list[Tensor], factor: Tensor | float) -> None:
+    """tensors *= factor, in place: a number or 0-d tensor, or one value per replica (shape (R,))
+    applied to each tensor's rows along dim 0 (the per-replica scale of `global_norm(..., R)`)."""
+    if isinstance(factor, Tensor) and factor.dim() == 1:
+        torch._foreach_mul_(tensors, [factor.view(-1, *(1,) * (t.dim() - 1)) for t in tensors])
+    else:
+        torch._foreach_mul_(tensors, factor)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -44,6 +44,8 @@ class GAQAT(SAGM):
     """GAQAT over `base_optimizer`: SAGM's `rho` and `alpha`, and for the LSQ step sizes among the
     parameters (`shared.quant.QuantScale`) the disorder `window` (>= 2 steps), the check `interval`
     (>= 1 steps) and the `threshold` (in [0, 1]) below which a step size's task gradient is frozen."""
+
+    batchable: ClassVar[bool] = False  # the step sizes' sign histories are kept for one model
 
     def __init__(
         self,

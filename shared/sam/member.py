@@ -52,6 +52,10 @@ class Member:
     the others also work through `first_step`/`second_step`, `step(closure)` and `sam_backward`."""
 
     driver_only: ClassVar[bool] = False
+    #: Whether the member can train R models stacked along each parameter's first dimension as R
+    #: independent replicas (`SharpnessAware(..., replicas=R)`, fedsam's batched engine): its norms,
+    #: inner products and state are then per row. False where a hook or state sees one model.
+    batchable: ClassVar[bool] = False
     #: (forward-backward passes, forwards without gradient) of one step on one micro-batch: the least
     #: a step can cost, which `samsuite bench optim` times on its own as the member's floor.
     passes: ClassVar[tuple[int, int]] = (2, 0)

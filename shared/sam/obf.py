@@ -22,23 +22,29 @@ from shared.validate import check_range
 
 
 def obf_ascent_loss(
-    logits: Tensor, targets: Tensor, *, C: float | None = None, gamma: float = 1.0, sigmoid: bool = True
+    logits: Tensor, targets: Tensor, *, C: float | None = None, gamma: float = 1.0, sigmoid: bool = True,
+    ignore_index: int = -100,
 ) -> Tensor:
     """A scalar whose gradient at the logits is the OBF ascent direction (mean over the batch).
-    `C` is 1/lambda (None: the number of classes; negative: lambda = 0)."""
+    `C` is 1/lambda (None: the number of classes; negative: lambda = 0). Targets equal to
+    `ignore_index` (padding, as in `F.cross_entropy`) are left out of the direction and the mean."""
     z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).reshape(-1, logits.shape[-1])
     num_classes = z.shape[-1]
+    flat = targets.reshape(-1)
+    keep = flat != ignore_index
+    flat = torch.where(keep, flat, 0)
     p = torch.sigmoid(z) if sigmoid else F.softmax(z, dim=-1)
-    onehot = F.one_hot(targets.reshape(-1), num_classes).to(z)
+    onehot = F.one_hot(flat, num_classes).to(z)
     C = float(num_classes) if C is None else C
     if C > 0:
         lam = 1.0 / C
-        p_y = p.gather(1, targets.reshape(-1, 1))
+        p_y = p.gather(1, flat.reshape(-1, 1))
         a = gamma * ((1.0 - lam / p_y) / (1.0 - lam)).clamp_min(0.0)
     else:
         a = torch.full_like(z[:, :1], gamma)
-    direction = 1.0 / num_classes - (a * p + (1.0 - a) * onehot)
-    return (direction.to(logits.dtype) * logits.reshape(z.shape)).sum(-1).mean()
+    direction = (1.0 / num_classes - (a * p + (1.0 - a) * onehot)) * keep.unsqueeze(1)
+    rows = (direction.to(logits.dtype) * logits.reshape(z.shape)).sum(-1)
+    return rows.sum() / keep.sum().clamp_min(1)
 
 
 class OBF(SharpnessAware):

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from shared.sam.base import BaseOptimizerSpec, SharpnessAware, _Plan, global_norm
+from shared.sam.base import BaseOptimizerSpec, SharpnessAware, _Plan, global_norm, mul_rows_
 from shared.validate import check_nonnegative
 
 
@@ -54,9 +54,9 @@ class SAGM(SharpnessAware):
     def _perturbation_(self, plan: _Plan, work: list[list[Tensor]]) -> None:
         """work <- e = (rho / ||g|| - alpha) g, in place (the norm over every perturbed group); the
         gradients may carry a loss scale S, which rho g / ||g|| ignores and alpha g must divide out."""
-        scale = self.eps + global_norm(plan.flat(work))
+        scale = self.eps + global_norm(plan.flat(work), self.replicas)
         for group, g in zip(plan.groups, work):
-            torch._foreach_mul_(g, self._rho(group) / scale - self.alpha / self.loss_scale)
+            mul_rows_(g, self._rho(group) / scale - self.alpha / self.loss_scale)
 
     def _descent_grads_(self, plan: _Plan) -> None:
         grads = [p.grad for p in plan.flat(plan.params)]

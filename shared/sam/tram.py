@@ -53,6 +53,7 @@ class TRAM(SharpnessAware):
     every weight by several times itself). Needs `shared.member_backward`."""
 
     driver_only: ClassVar[bool] = True
+    batchable: ClassVar[bool] = False  # the trust-region radius comes from one model's output divergence
     passes: ClassVar[tuple[int, int]] = (2, 1)
     default_target: ClassVar[str] = "prev"
 

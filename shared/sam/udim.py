@@ -129,6 +129,7 @@ class UDIM(SAM):
     Needs `shared.member_backward`."""
 
     driver_only: ClassVar[bool] = True
+    batchable: ClassVar[bool] = False  # the per-example head gradients are taken on one model
 
     def __init__(
         self,

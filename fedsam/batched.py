@@ -1,0 +1,237 @@
+"""The batched engine: every node's K local steps in one vectorized pass (`engine: batched`).
+
+The nodes' models already live stacked in `FedRun`'s X (N, P). Here a chunk of R nodes becomes one
+`StackedModel`: each parameter holds the R models stacked along its first dimension, and one
+`torch.func.vmap` of `functional_call` applies each node's model to its own mini-batch (vmap turns
+the convolutions into grouped convolutions, the matmuls into batched ones). The loss is the sum of
+the nodes' mean losses, so the gradient of row j is node j's own gradient; the local optimizer is
+the same `shared` member the sequential engine uses, built with `replicas=R` so that its norms and
+inner products are per node (`shared.sam.base.global_norm`). No second, functional copy of any
+member exists.
+
+Exactness: each node draws its batches from `fedsam.client.node_batches` (its own generator, as
+the sequential engine), a shorter last batch is padded with targets the loss ignores, and a node
+with fewer steps than the chunk's longest is masked: its rows of the weights and of the optimizer
+state are put back after each step it does not take. That restore is exact for optimizers whose
+state is element-wise (SGD's momentum); an optimizer with a per-tensor counter shared by the rows
+(Adam's `step`) gets chunks of nodes with equal step counts instead. Metrics then equal the
+sequential engine's to float tolerance: vmap's grouped kernels sum in another order than one
+node's kernels, so results differ by rounding (about 1e-6 relative per step in float32) and no more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from fedsam.client import federated_data, mean_loss, node_batches, node_model
+from fedsam.config import FedConfig
+from fedsam.mixing import FlatSpec
+from shared import Batch, member_backward
+from shared.config import ConfigError
+from shared.sam.base import SharpnessAware
+
+if TYPE_CHECKING:
+    from fedsam.data import FederatedData
+
+IGNORE = -100  # the target of a padded example (F.cross_entropy's ignore_index)
+MEMORY_FRACTION = 0.5  # of the free memory that an automatic node_chunk may fill
+
+
+def unbatchable_model(model: nn.Module) -> str | None:
+    """Why `model` cannot be vmapped over stacked nodes exactly, or None: buffers (batch norm's
+    running statistics would see the padding and are not stacked) or active dropout (vmap would
+    draw other random numbers than one node alone)."""
+    if any(True for _ in model.buffers()):
+        return "it has buffers (e.g. batch norm's running statistics); use a GroupNorm model such as cnn"
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return "it has dropout, whose random draws under vmap differ from one node's"
+    return None
+
+
+def batch_blocker(cfg: FedConfig, data: FederatedData | None = None) -> str | None:
+    """Why `cfg` cannot run on the batched engine (its optimizer or its model), or None."""
+    reason = cfg.unbatchable_reason()
+    if reason is not None:
+        return f"optimizer={cfg.optimizer_name!r}: {reason}"
+    reason = unbatchable_model(node_model(cfg, federated_data(cfg) if data is None else data))
+    return None if reason is None else f"model={cfg.model!r}: {reason}"
+
+
+class StackedModel(nn.Module):
+    """R copies of `template`'s architecture with their own weights, stacked: parameter k has shape
+    (R, *shape_k). forward((R, B, ...) inputs) -> (R, B, classes) logits, node j's batch through
+    node j's weights. The template's own weights are never used (it is held outside the module)."""
+
+    def __init__(self, template: nn.Module, weights: Sequence[Tensor]) -> None:
+        super().__init__()
+        self._template = (template,)  # a tuple: not a submodule, so its parameters are not ours
+        self.names = [name for name, _ in template.named_parameters()]
+        self.weights = nn.ParameterList([nn.Parameter(w) for w in weights])
+        self._forward = vmap(self._one)
+
+    def _one(self, weights: tuple[Tensor, ...], x: Tensor) -> Tensor:
+        return functional_call(self._template[0], dict(zip(self.names, weights)), (x,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._forward(tuple(self.weights), x)
+
+
+class NodeLoss:
+    """The criterion of a stacked step: the sum over nodes of each node's mean cross-entropy over its
+    real (not padded) examples. The first call after `reset` (the pass at w) keeps the per-node
+    means, which become the nodes' train_loss as the sequential engine reports it."""
+
+    def __init__(self, counts: Tensor) -> None:
+        self.counts = counts  # (R,) real examples per node in this step (>= 1: masked nodes count 1)
+        self.at_w: Tensor | None = None
+
+    def reset(self) -> None:
+        self.at_w = None
+
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        per_example = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+        per_node = per_example.view(targets.shape).sum(1) / self.counts
+        if self.at_w is None:
+            self.at_w = per_node.detach()
+        return per_node.sum()
+
+
+def chunk_plan(steps: Mapping[int, int], node_chunk: int, *, mask: bool) -> list[list[int]]:
+    """The nodes' order into passes of at most `node_chunk` nodes: sorted by step count (longest
+    first, then by id), so that a pass wastes few masked steps; without `mask` (an optimizer whose
+    state cannot be restored row by row), only nodes with equal step counts share a pass."""
+    order = sorted(steps, key=lambda i: (-steps[i], i))
+    groups: list[list[int]] = []
+    for node in order:
+        if groups and (mask or steps[groups[-1][0]] == steps[node]) and len(groups[-1]) < node_chunk:
+            groups[-1].append(node)
+        else:
+            groups.append([node])
+    return groups
+
+
+def auto_node_chunk(cfg: FedConfig, model: nn.Module, input_shape: Sequence[int], nodes: int) -> int:
+    """Nodes per pass when `node_chunk` is unset: what fits in MEMORY_FRACTION of the device's free
+    memory (CUDA: `torch.cuda.mem_get_info`; CPU: MemAvailable), at the cost of one node's step
+    estimated from its weights (weights, gradients, the optimizer's and SAM's buffers: 5 copies)
+    and its activations (measured on one example by forward hooks, kept once and differentiated
+    once: 2x, per example of the batch)."""
+    device = cfg.torch_device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _host_available()
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() * out.element_size()))
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_node = 5 * weights + 2 * cfg.batch_size * sum(sizes)
+    return max(1, min(nodes, int(MEMORY_FRACTION * free // max(per_node, 1))))
+
+
+def _host_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (a fixed 4 GiB where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class BatchedTrainer:
+    """Trains a round's nodes in vectorized passes; `round(r, tasks)` returns the updates that
+    `FedRun.finish_round` takes, as the sequential engine's `local_update` would."""
+
+    def __init__(self, cfg: FedConfig, data: FederatedData, spec: FlatSpec) -> None:
+        self.cfg, self.data, self.spec = cfg, data, spec
+        self.template = node_model(cfg, data)
+        reason = batch_blocker(cfg, data)
+        if reason is not None:
+            raise ConfigError(f"engine: batched cannot run this config: {reason}; use engine=inprocess")
+        names = [name for name, _ in self.template.named_parameters()]
+        if list(spec.names or ()) != names:
+            raise ConfigError(f"engine: batched needs a model whose state is its parameters, got {spec.names}")
+        self.device = cfg.torch_device
+        self.input_shape = tuple(data.input_shape)
+        self.node_chunk = cfg.node_chunk or auto_node_chunk(cfg, self.template, self.input_shape, cfg.num_nodes)
+        probe = cfg.local_optimizer([torch.zeros(1, requires_grad=True)], 0)
+        base = probe.base_optimizer if isinstance(probe, SharpnessAware) else probe
+        self.mask_exact = type(base) is torch.optim.SGD  # its only state, the momentum, is element-wise
+
+    def round(self, r: int, tasks: Sequence[tuple[int, Mapping[str, Tensor]]]) -> dict[int, tuple[dict, dict]]:
+        states = dict(tasks)
+        steps = {node: self.cfg.local_step_count(len(self.data.nodes[node].train_y)) for node in states}
+        updates: dict[int, tuple[dict, dict]] = {}
+        for nodes in chunk_plan(steps, self.node_chunk, mask=self.mask_exact):
+            updates.update(self._train(r, nodes, [states[i] for i in nodes], [steps[i] for i in nodes]))
+        return {node: updates[node] for node in states}
+
+    def _train(self, r: int, nodes: list[int], states: list[Mapping[str, Tensor]], steps: list[int]
+               ) -> dict[int, tuple[dict, dict]]:
+        """K_j local steps for each node j of one pass, from its state; returns its updates."""
+        t0 = time.perf_counter()
+        R, B, device = len(nodes), self.cfg.batch_size, self.device
+        stacked = StackedModel(self.template, [torch.stack([s[name] for s in states]).to(device)
+                                               for name in self.spec.names])  # type: ignore[union-attr]
+        stacked.train()
+        opt = self.cfg.local_optimizer(stacked.parameters(), r, replicas=R)
+        x = torch.zeros(R, B, *self.input_shape, dtype=self.data.nodes[0].train_x.dtype, device=device)
+        y = torch.full((R, B), IGNORE, dtype=torch.long, device=device)
+        counts = torch.ones(R, dtype=stacked.weights[0].dtype, device=device)
+        criterion = NodeLoss(counts)
+        batches: list[Iterator[tuple[Tensor, Tensor, Tensor]]] = [
+            node_batches(self.cfg, self.data, node, r) for node in nodes]
+        at_w: list[Tensor] = []  # per step, every node's loss at w (R,)
+        sizes: list[list[int]] = [[] for _ in nodes]
+        for k in range(max(steps)):
+            active = [j for j in range(R) if steps[j] > k]
+            y.fill_(IGNORE)
+            for j in active:
+                xb, yb, _ = next(batches[j])
+                x[j, : len(yb)].copy_(xb, non_blocking=True)
+                y[j, : len(yb)].copy_(yb, non_blocking=True)
+                counts[j] = len(yb)
+                sizes[j].append(len(yb))
+            idle = [j for j in range(R) if steps[j] <= k]
+            kept = self._rows(opt, stacked, idle) if idle else None
+            criterion.reset()
+            member_backward(opt, stacked, [Batch(x, y)], criterion)
+            opt.step()
+            if kept is not None:
+                for t, rows in kept:
+                    t[idle] = rows
+            at_w.append(criterion.at_w)  # type: ignore[arg-type]
+        losses = torch.stack(at_w).cpu()
+        elapsed = time.perf_counter() - t0
+        out = {}
+        for j, node in enumerate(nodes):
+            state = {name: w[j].detach() for name, w in zip(self.spec.names, stacked.weights)}  # type: ignore[arg-type]
+            out[node] = (state, {"train_loss": mean_loss(losses[: steps[j], j], sizes[j]),
+                                 "num_examples": len(self.data.nodes[node].train_y), "num_steps": steps[j],
+                                 "compute_s": elapsed / R})
+        return out
+
+    @staticmethod
+    def _rows(opt: torch.optim.Optimizer, model: nn.Module, idle: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """(tensor, copy of its `idle` rows) for the weights and every per-row optimizer state
+        tensor, to put back after a step those nodes do not take."""
+        states = [opt.state, *([opt.base_optimizer.state] if isinstance(opt, SharpnessAware) else [])]
+        tensors = [p.data for p in model.parameters()]
+        R = len(tensors[0])
+        tensors += [t for state in states for entry in state.values() for t in entry.values()
+                    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == R]
+        return [(t, t[idle].clone()) for t in tensors]
+
