@@ -21,6 +21,7 @@ node's kernels, so results differ by rounding (about 1e-6 relative per step in f
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -42,6 +43,11 @@ if TYPE_CHECKING:
 
 IGNORE = -100  # the target of a padded example (F.cross_entropy's ignore_index)
 MEMORY_FRACTION = 0.5  # of the free memory that an automatic node_chunk may fill
+#: A step's fixed cost in full-batch node-steps (`chunk_plan`'s `overhead`). CPU: measured on the
+#: MNIST-1D CNN, one thread (a batched SAM step of R nodes: about 0.5 ms + 1.5 ms x R, at R = 10 and
+#: 100). CUDA: a guess, not measured here (no GPU was lent): a small model's step is launch-bound,
+#: so masking a few nodes for a step costs less than another pass.
+STEP_OVERHEAD = {"cpu": 1.0, "cuda": 32.0}
 
 
 def unbatchable_model(model: nn.Module) -> str | None:
@@ -103,18 +109,53 @@ class NodeLoss:
         return per_node.sum()
 
 
-def chunk_plan(steps: Mapping[int, int], node_chunk: int, *, mask: bool) -> list[list[int]]:
-    """The nodes' order into passes of at most `node_chunk` nodes: sorted by step count (longest
-    first, then by id), so that a pass wastes few masked steps; without `mask` (an optimizer whose
-    state cannot be restored row by row), only nodes with equal step counts share a pass."""
-    order = sorted(steps, key=lambda i: (-steps[i], i))
-    groups: list[list[int]] = []
+def batch_sizes(n: int, batch_size: int, steps: int) -> list[int]:
+    """The sizes of the `steps` batches that `fedsam.client.batch_indices` cuts from n examples:
+    passes of ceil(n / B) batches, the last of each pass holding the rest."""
+    epoch = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    return (epoch * -(-steps // len(epoch)))[:steps]
+
+
+def chunk_plan(sizes: Mapping[int, Sequence[int]], node_chunk: int, *, mask: bool, overhead: float = 1.0,
+               window: int = 64) -> list[list[int]]:
+    """The nodes' passes, at most `node_chunk` nodes each, from each node's batch sizes (one per
+    step). Nodes sorted by step count, then data size (largest first) form runs of equal sizes;
+    with `mask`, consecutive runs (up to `window` of them) are merged where one masked, padded pass
+    costs less than separate ones. A step of R nodes padded to its largest batch b costs
+    `overhead` + R b / b_max: `overhead` is a step's fixed cost in full-batch node-steps (small on
+    a CPU, where a pass's cost grows with its work; large on a GPU, where a small model's step is
+    launch-bound). Without `mask` (state that cannot be restored row by row), only nodes with
+    equal step counts share a pass."""
+    order = sorted(sizes, key=lambda i: (-len(sizes[i]), -sum(sizes[i]), i))
+    runs: list[list[int]] = []
     for node in order:
-        if groups and (mask or steps[groups[-1][0]] == steps[node]) and len(groups[-1]) < node_chunk:
-            groups[-1].append(node)
+        last = runs[-1][0] if runs else None
+        same = last is not None and (list(sizes[last]) == list(sizes[node]) if mask else len(sizes[last]) == len(sizes[node]))
+        if same and len(runs[-1]) < node_chunk:
+            runs[-1].append(node)
         else:
-            groups.append([node])
-    return groups
+            runs.append([node])
+    if not mask:
+        return runs
+    full = max(max(s) for s in sizes.values())
+    # best[i]: the least cost of the first i runs; a pass merges runs j..i-1, run j leads (most steps)
+    best, cut = [0.0] + [float("inf")] * len(runs), [0] * (len(runs) + 1)
+    for i in range(1, len(runs) + 1):
+        count, widest = 0, [0] * len(sizes[runs[i - 1][0]])
+        for j in range(i - 1, max(i - 1 - window, -1), -1):
+            count += len(runs[j])
+            if count > node_chunk:
+                break
+            lead = sizes[runs[j][0]]
+            widest = [max(a, b) for a, b in zip(lead, widest)] + list(lead[len(widest):])
+            cost = best[j] + sum(overhead + count * b / full for b in widest)
+            if cost < best[i]:
+                best[i], cut[i] = cost, j
+    passes, i = [], len(runs)
+    while i:
+        passes.append([node for run in runs[cut[i] : i] for node in run])
+        i = cut[i]
+    return passes[::-1]
 
 
 def auto_node_chunk(cfg: FedConfig, model: nn.Module, input_shape: Sequence[int], nodes: int) -> int:
@@ -171,12 +212,18 @@ class BatchedTrainer:
         base = probe.base_optimizer if isinstance(probe, SharpnessAware) else probe
         self.mask_exact = type(base) is torch.optim.SGD  # its only state, the momentum, is element-wise
 
+    def batch_sizes(self, node: int) -> list[int]:
+        """Node `node`'s batch sizes in a round, one per local step."""
+        n = len(self.data.nodes[node].train_y)
+        return batch_sizes(n, self.cfg.batch_size, self.cfg.local_step_count(n))
+
     def round(self, r: int, tasks: Sequence[tuple[int, Mapping[str, Tensor]]]) -> dict[int, tuple[dict, dict]]:
         states = dict(tasks)
-        steps = {node: self.cfg.local_step_count(len(self.data.nodes[node].train_y)) for node in states}
+        sizes = {node: self.batch_sizes(node) for node in states}
         updates: dict[int, tuple[dict, dict]] = {}
-        for nodes in chunk_plan(steps, self.node_chunk, mask=self.mask_exact):
-            updates.update(self._train(r, nodes, [states[i] for i in nodes], [steps[i] for i in nodes]))
+        overhead = STEP_OVERHEAD.get(self.device.type, 1.0)
+        for nodes in chunk_plan(sizes, self.node_chunk, mask=self.mask_exact, overhead=overhead):
+            updates.update(self._train(r, nodes, [states[i] for i in nodes], [len(sizes[i]) for i in nodes]))
         return {node: updates[node] for node in states}
 
     def _train(self, r: int, nodes: list[int], states: list[Mapping[str, Tensor]], steps: list[int]
@@ -188,8 +235,10 @@ class BatchedTrainer:
                                                for name in self.spec.names])  # type: ignore[union-attr]
         stacked.train()
         opt = self.cfg.local_optimizer(stacked.parameters(), r, replicas=R)
-        x = torch.zeros(R, B, *self.input_shape, dtype=self.data.nodes[0].train_x.dtype, device=device)
-        y = torch.full((R, B), IGNORE, dtype=torch.long, device=device)
+        # one buffer each for the inputs and targets; a step uses its first R x b entries, b the
+        # step's longest batch, so nodes with small data sets are padded to b, not to batch_size
+        x_buf = torch.zeros(R * B * math.prod(self.input_shape), dtype=self.data.nodes[0].train_x.dtype, device=device)
+        y_buf = torch.empty(R * B, dtype=torch.long, device=device)
         counts = torch.ones(R, dtype=stacked.weights[0].dtype, device=device)
         criterion = NodeLoss(counts)
         batches: list[Iterator[tuple[Tensor, Tensor, Tensor]]] = [
@@ -197,10 +246,11 @@ class BatchedTrainer:
         at_w: list[Tensor] = []  # per step, every node's loss at w (R,)
         sizes: list[list[int]] = [[] for _ in nodes]
         for k in range(max(steps)):
-            active = [j for j in range(R) if steps[j] > k]
-            y.fill_(IGNORE)
-            for j in active:
-                xb, yb, _ = next(batches[j])
+            drawn = [(j, next(batches[j])) for j in range(R) if steps[j] > k]
+            b = max(len(yb) for _, (_, yb, _) in drawn)
+            x = x_buf[: x_buf.numel() // B * b].view(R, b, *self.input_shape)
+            y = y_buf[: R * b].view(R, b).fill_(IGNORE)
+            for j, (xb, yb, _) in drawn:
                 x[j, : len(yb)].copy_(xb, non_blocking=True)
                 y[j, : len(yb)].copy_(yb, non_blocking=True)
                 counts[j] = len(yb)

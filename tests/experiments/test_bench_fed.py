@@ -62,11 +62,23 @@ def test_engine_round_covers_its_compute(quick_run: tuple[dict, Path]) -> None:
 def test_targets_are_recorded_as_measured(quick_run: tuple[dict, Path]) -> None:
     result, _ = quick_run
     targets = result["targets"]
-    assert len(targets) == len(result["mixing"]) + 1
+    assert len(targets) == len(result["mixing"]) + 2  # quick: no N=100 row, so no batched speed target
     for t, r in zip(targets, result["mixing"]):
         assert t["value"] == r["speedup"] and t["met"] == (r["speedup"] >= fed.MIX_TARGET)
-    assert targets[-1]["met"] == (result["engine"]["overhead_ratio"] <= fed.OVERHEAD_TARGET)
+    assert targets[-2]["met"] == (result["engine"]["overhead_ratio"] <= fed.OVERHEAD_TARGET)
+    assert targets[-1]["met"] == all(r["same_metrics"] for r in result["batched"])
     assert result["all_targets_met"] == all(t["met"] for t in targets)
+
+
+def test_batched_rows_are_measured_and_consistent(quick_run: tuple[dict, Path]) -> None:
+    result, out = quick_run
+    (row,) = result["batched"]  # quick: the digits CNN at N = 10
+    assert (row["model"], row["nodes"], row["device"]) == ("digits CNN", 10, "cpu")
+    assert row["same_metrics"] is True
+    assert row["speedup"] > 0 and row["sequential_round_s"] > 0 and row["batched_round_s"] > 0
+    assert 0 <= row["padded_share"] < 1 and 1 <= row["passes"] <= 10 and row["node_steps"] >= 10
+    assert row["batched_ms_per_node_step"] == pytest.approx(1e3 * row["batched_round_s"] / row["node_steps"])
+    assert "Batched engine" in (out / "fed.md").read_text()
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ from suite_fixtures import kill_after_first_checkpoint
 from torch import nn
 
 from fedsam import client
-from fedsam.batched import BatchedTrainer, NodeLoss, StackedModel, chunk_plan
-from fedsam.client import federated_data, local_update
+from fedsam.batched import BatchedTrainer, NodeLoss, StackedModel, batch_sizes, chunk_plan
+from fedsam.client import batch_indices, federated_data, local_update
 from fedsam.config import FedConfig
 from fedsam.engine import run_batched, run_fed, run_inprocess
 from fedsam.run import FedRun
@@ -31,6 +31,8 @@ TIMING = ("compute_s", "round_s", "time_s")
 #: order, about 1e-7 relative per operation, grown by SAM's normalisation over the steps (measured
 #: <= 5e-5 on consensus_distance, a difference of nearly equal models; <= 3e-6 elsewhere).
 RTOL = 2e-4
+#: Accuracies: a test example at a near-tie may flip under that rounding (measured: 1 of 450).
+ACC_ATOL = 0.005
 
 
 def small(tmp_path: Path, name: str, **kw: object) -> FedConfig:
@@ -148,12 +150,26 @@ def test_batched_engine_equals_sequential_in_float64(tmp_path: Path, float64: No
     np.testing.assert_allclose(bat, seq, rtol=1e-9, atol=1e-11)
 
 
-def test_chunk_plan_sorts_by_steps_and_groups_equal_counts_without_masking() -> None:
-    steps = {0: 2, 1: 5, 2: 2, 3: 3, 4: 5}
-    assert chunk_plan(steps, 2, mask=True) == [[1, 4], [3, 0], [2]]
-    assert chunk_plan(steps, 10, mask=True) == [[1, 4, 3, 0, 2]]
-    assert chunk_plan(steps, 10, mask=False) == [[1, 4], [3], [0, 2]]
-    assert chunk_plan(steps, 1, mask=True) == [[1], [4], [3], [0], [2]]
+def test_batch_sizes_follow_batch_indices() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for n, steps in ((40, 5), (7, 3), (64, 2), (33, 1)):
+        assert batch_sizes(n, 16, steps) == [len(i) for i in batch_indices(n, 16, steps, gen)]
+
+
+def test_chunk_plan_merges_runs_only_where_a_masked_padded_pass_is_cheaper() -> None:
+    sizes = {0: [8, 8], 1: [8] * 5, 2: [8, 8], 3: [8, 8, 8], 4: [8] * 5}  # full batches of 8
+    assert chunk_plan(sizes, 2, mask=True) == [[1, 4], [3], [0, 2]]
+    # overhead 1: node 3 rides in the 5-step pass, 5 x (1 + 3) + 2 x (1 + 2) = 26, against 30 for one pass
+    # and 5 x 3 + 3 x 2 + 2 x 3 = 27 for one per step count
+    assert chunk_plan(sizes, 10, mask=True, overhead=1.0) == [[1, 4, 3], [0, 2]]
+    assert chunk_plan(sizes, 10, mask=True, overhead=10.0) == [[1, 4, 3, 0, 2]]  # 75 < 117
+    assert chunk_plan(sizes, 4, mask=True, overhead=10.0) == [[1, 4, 3], [0, 2]]  # 5 x 13 + 2 x 12 = 89
+    assert chunk_plan(sizes, 10, mask=False, overhead=100.0) == [[1, 4], [3], [0, 2]]
+    assert chunk_plan(sizes, 1, mask=True) == [[1], [4], [3], [0], [2]]
+    # padding counts: one-step nodes of 8 and 1 examples cost (1 + 1) + (1 + 1/8) = 3.125 apart and
+    # 1 + 2 = 3 together at overhead 1; at overhead 0.2, 1.2 + 0.325 = 1.525 apart < 2.2 together
+    assert chunk_plan({0: [8], 1: [1]}, 2, mask=True, overhead=1.0) == [[0, 1]]
+    assert chunk_plan({0: [8], 1: [1]}, 2, mask=True, overhead=0.2) == [[0], [1]]
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -166,7 +182,7 @@ def _assert_close(a: list[dict], b: list[dict]) -> None:
         assert x.keys() == y.keys()
         for k in x:
             if isinstance(x[k], float):
-                assert y[k] == pytest.approx(x[k], rel=RTOL, abs=1e-7), k
+                assert y[k] == pytest.approx(x[k], **({"abs": ACC_ATOL} if "acc" in k else {"rel": RTOL, "abs": 1e-7})), k
             else:
                 assert x[k] == y[k], k
 
