@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fedsam.client import federated_data, mean_loss, node_batches, node_model
+from fedsam.client import EVAL_BATCH, federated_data, mean_loss, node_batches, node_model
 from fedsam.config import FedConfig
 from fedsam.mixing import FlatSpec
 from shared import Batch, member_backward
@@ -81,6 +81,12 @@ class StackedModel(nn.Module):
         self.names = [name for name, _ in template.named_parameters()]
         self.weights = nn.ParameterList([nn.Parameter(w) for w in weights])
         self._forward = vmap(self._one)
+
+    def train(self, mode: bool = True) -> StackedModel:
+        """Also the template's mode: functional_call runs its modules."""
+        super().train(mode)
+        self._template[0].train(mode)
+        return self
 
     def _one(self, weights: tuple[Tensor, ...], x: Tensor) -> Tensor:
         return functional_call(self._template[0], dict(zip(self.names, weights)), (x,))
@@ -192,6 +198,29 @@ def _host_available() -> int:
     return 4 << 30
 
 
+class _Slots:
+    """Stacked inputs and targets for R nodes, from one buffer each allocated once: a step uses the
+    first R x b entries, b the longest of the step's batches, so nodes with less data are padded
+    to b, not to the buffer's capacity; padded targets are IGNORE."""
+
+    def __init__(self, R: int, capacity: int, input_shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.R, self.input_shape = R, input_shape
+        self.x = torch.zeros(R * capacity * math.prod(input_shape), dtype=dtype, device=device)
+        self.y = torch.empty(R * capacity, dtype=torch.long, device=device)
+
+    def fill(self, parts: Mapping[int, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(x (R, b, ...), y (R, b)) holding node j's batch `parts[j]` in row j; rows without a
+        part hold only IGNORE targets (and stale, finite inputs)."""
+        b = max(len(yb) for _, yb in parts.values())
+        x = self.x[: self.R * b * math.prod(self.input_shape)].view(self.R, b, *self.input_shape)
+        y = self.y[: self.R * b].view(self.R, b).fill_(IGNORE)
+        for j, (xb, yb) in parts.items():
+            x[j, : len(yb)].copy_(xb, non_blocking=True)
+            y[j, : len(yb)].copy_(yb, non_blocking=True)
+        return x, y
+
+
 class BatchedTrainer:
     """Trains a round's nodes in vectorized passes; `round(r, tasks)` returns the updates that
     `FedRun.finish_round` takes, as the sequential engine's `local_update` would."""
@@ -235,10 +264,7 @@ class BatchedTrainer:
                                                for name in self.spec.names])  # type: ignore[union-attr]
         stacked.train()
         opt = self.cfg.local_optimizer(stacked.parameters(), r, replicas=R)
-        # one buffer each for the inputs and targets; a step uses its first R x b entries, b the
-        # step's longest batch, so nodes with small data sets are padded to b, not to batch_size
-        x_buf = torch.zeros(R * B * math.prod(self.input_shape), dtype=self.data.nodes[0].train_x.dtype, device=device)
-        y_buf = torch.empty(R * B, dtype=torch.long, device=device)
+        slots = _Slots(R, B, self.input_shape, self.data.nodes[0].train_x.dtype, device)
         counts = torch.ones(R, dtype=stacked.weights[0].dtype, device=device)
         criterion = NodeLoss(counts)
         batches: list[Iterator[tuple[Tensor, Tensor, Tensor]]] = [
@@ -246,13 +272,9 @@ class BatchedTrainer:
         at_w: list[Tensor] = []  # per step, every node's loss at w (R,)
         sizes: list[list[int]] = [[] for _ in nodes]
         for k in range(max(steps)):
-            drawn = [(j, next(batches[j])) for j in range(R) if steps[j] > k]
-            b = max(len(yb) for _, (_, yb, _) in drawn)
-            x = x_buf[: x_buf.numel() // B * b].view(R, b, *self.input_shape)
-            y = y_buf[: R * b].view(R, b).fill_(IGNORE)
-            for j, (xb, yb, _) in drawn:
-                x[j, : len(yb)].copy_(xb, non_blocking=True)
-                y[j, : len(yb)].copy_(yb, non_blocking=True)
+            drawn = {j: next(batches[j])[:2] for j in range(R) if steps[j] > k}
+            x, y = slots.fill(drawn)
+            for j, (_, yb) in drawn.items():
                 counts[j] = len(yb)
                 sizes[j].append(len(yb))
             idle = [j for j in range(R) if steps[j] <= k]
@@ -273,6 +295,29 @@ class BatchedTrainer:
                                  "num_examples": len(self.data.nodes[node].train_y), "num_steps": steps[j],
                                  "compute_s": elapsed / R})
         return out
+
+    @torch.no_grad()
+    def evaluate_nodes(self, X: Tensor) -> list[float]:
+        """The accuracy of each node's model (row i of X) on its local test split, for the nodes
+        that have one, in node order: `FedRun`'s personal evaluation, in vectorized passes."""
+        nodes = [i for i, node in enumerate(self.data.nodes) if len(node.test_y)]
+        accuracy: list[float] = []
+        for start in range(0, len(nodes), self.node_chunk):
+            chunk = nodes[start : start + self.node_chunk]
+            rows = X[chunk].split(self.spec.sizes, dim=1)
+            model = StackedModel(self.template, [w.reshape(len(chunk), *shape) for w, shape in zip(rows, self.spec.shapes)])
+            model.eval()
+            tests = [(self.data.nodes[i].test_x, self.data.nodes[i].test_y) for i in chunk]
+            block = max(1, EVAL_BATCH // len(chunk))
+            slots = _Slots(len(chunk), block, self.input_shape, tests[0][0].dtype, self.device)
+            correct = torch.zeros(len(chunk), dtype=torch.int64, device=self.device)
+            for lo in range(0, max(len(ty) for _, ty in tests), block):
+                x, y = slots.fill({j: (tx[lo : lo + block], ty[lo : lo + block])
+                                   for j, (tx, ty) in enumerate(tests) if lo < len(ty)})
+                correct += (model(x).argmax(-1) == y).sum(1)  # padding's target IGNORE is never a class
+            accuracy += [int(c) / len(ty) for c, (_, ty) in zip(correct.tolist(), tests)]
+        self.template.train()
+        return accuracy
 
     @staticmethod
     def _rows(opt: torch.optim.Optimizer, model: nn.Module, idle: list[int]) -> list[tuple[Tensor, Tensor]]:

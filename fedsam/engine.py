@@ -40,6 +40,7 @@ def run_batched(cfg: FedConfig, *, progress: bool = True) -> dict[str, Any]:
 
     with FedRun(cfg, progress=progress) as run:
         trainer = BatchedTrainer(cfg, run.data, run.spec)
+        run.evaluate_nodes = trainer.evaluate_nodes
         for r in range(run.start_round, run.rounds):
             run.finish_round(r, trainer.round(r, run.round_tasks(r)))
         return run.finish()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +79,8 @@ class FedRun:
         self._Y = torch.empty_like(self.X)  # the round's y_i, mixed into X (no allocation per round)
         self.bytes_per_model = self.spec.nbytes
         self.member_state: list[MemberState] = [{} for _ in range(self.num_nodes)]
+        #: X -> each node's accuracy on its local test split (nodes with one); an engine may replace it
+        self.evaluate_nodes: Callable[[Tensor], list[float]] = self._evaluate_nodes
         self._static_adj = None if cfg.time_varying else build_topology(
             cfg.topology, self.num_nodes, cfg.seed, **cfg.topology_options)
         W0 = self.algorithm.mix(self.adjacency(0), np.ones(self.num_nodes, dtype=bool), self.q).W
@@ -253,16 +255,20 @@ class FedRun:
         of each node's own model on its local test split (nodes without one are skipped)."""
         cfg, data = self.cfg, self.data
         test_loss, test_acc = evaluate_state(unflatten(self.X.mean(dim=0), self.spec), data.test_x, data.test_y, cfg, data)
-        personal = np.array([
-            evaluate_state(unflatten(self.X[i], self.spec), node.test_x, node.test_y, cfg, data)[1]  # type: ignore[arg-type]
-            for i, node in enumerate(data.nodes) if len(node.test_y)
-        ])
+        personal = np.array(self.evaluate_nodes(self.X))
         return {
             "test_acc": test_acc,
             "test_loss": test_loss,
             "personal_acc_mean": float(personal.mean()) if len(personal) else None,
             "personal_acc_std": float(personal.std()) if len(personal) else None,
         }
+
+    def _evaluate_nodes(self, X: Tensor) -> list[float]:
+        """The accuracy of node i's model X[i] on its local test split, for each node with one, one
+        node after the other (the batched engine sets `evaluate_nodes` to its vectorized twin)."""
+        cfg, data = self.cfg, self.data
+        return [evaluate_state(unflatten(X[i], self.spec), node.test_x, node.test_y, cfg, data)[1]  # type: ignore[arg-type]
+                for i, node in enumerate(data.nodes) if len(node.test_y)]
 
     def _checkpoint_path(self) -> Path:
         return self.run.path / "checkpoint.safetensors"

@@ -221,3 +221,17 @@ def test_unbatchable_optimizer_or_model_is_refused_or_falls_back(tmp_path: Path,
     summary = run_fed(small(tmp_path, "auto", engine="auto", optimizer="saf", rounds=1), progress=False)
     assert "engine=auto runs in-process (one node at a time): optimizer='saf'" in capsys.readouterr().out
     assert summary["final"]["round"] == 1
+
+
+def test_vectorized_personal_evaluation_equals_one_node_at_a_time(tmp_path: Path, float64: None) -> None:
+    """Nodes with local test splits of different sizes, in chunks smaller than N: the same accuracies."""
+    cfg = small(tmp_path, "ev", node_chunk=4, dataset="mnist1d", dataset_options={"num_samples": 800}, model="cnn1d")
+    data32 = federated_data(cfg)
+    nodes = [dataclasses.replace(n, train_x=n.train_x.double(), test_x=n.test_x.double()) for n in data32.nodes]
+    data = dataclasses.replace(data32, nodes=nodes, test_x=data32.test_x.double())
+    assert len({len(n.test_y) for n in nodes}) > 1
+    with FedRun(cfg, progress=False, data=data) as run:
+        X = run.X + 0.05 * torch.randn(run.X.shape, generator=torch.Generator().manual_seed(0))  # nodes differ
+        trainer = BatchedTrainer(cfg, run.data, run.spec)
+        assert trainer.evaluate_nodes(X) == run.evaluate_nodes(X)
+        assert len(set(run.evaluate_nodes(X))) > 1
