@@ -33,12 +33,10 @@ median over the rounds of the per-round ratio.
 from __future__ import annotations
 
 import functools
-import gc
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ import torch
 from rich.table import Table
 
 from experiments.bench import console as bench_console
+from experiments.bench import round_robin
 from fedsam.config import FedConfig
 from fedsam.mixing import auto_method, flatten_states, mix_, mix_loop, mixing_power, unflatten
 from fedsam.models import build_model
@@ -77,26 +76,6 @@ QUICK = {"mix_models": 1, "mix_repeats": 3, "engine_rounds": 4, "batched_models"
 
 
 # ---------------------------------------------------------------------------------------------- 1. mixing
-def _round_robin(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each contender, after one warm-up call each."""
-    for fn in contenders.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
-    gc_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                t0 = time.perf_counter()
-                contenders[name]()
-                times[name].append(time.perf_counter() - t0)
-    finally:
-        if gc_enabled:
-            gc.enable()
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def bench_mixing(label: str, model: str, num_classes: int, input_shape: tuple[int, ...], repeats: int, seed: int
                  ) -> list[dict[str, Any]]:
     """One row per (topology, Q): stacked vs loop vs copy on N=100 perturbed copies of the model."""
@@ -111,11 +90,11 @@ def bench_mixing(label: str, model: str, num_classes: int, input_shape: tuple[in
     for topology, q in MIX_GRAPHS:
         W = metropolis_hastings(build_topology(topology, MIX_NODES, seed))
         last: dict[str, list[list[torch.Tensor]]] = {}
-        times = _round_robin({
+        times = round_robin({
             "stacked": functools.partial(mix_, X, W, q, out=out),
             "loop": lambda W=W, q=q, last=last: last.update(loop=mix_loop(states, W, q)),
             "copy": functools.partial(floor.copy_, X),
-        }, repeats)
+        }, repeats)[0]
         looped = torch.stack([torch.cat([t.reshape(-1) for t in node]) for node in last["loop"]])
         rows.append({
             "model": label, "parameters": spec.numel, "tensors": len(spec.shapes), "topology": topology, "q": q,
