@@ -1,4 +1,4 @@
-"""The `samsuite` command line: `train`, `fed ...`, `unlearn ...` and `bench ...`.
+"""The `samsuite` command line: `train`, `fed ...`, `unlearn ...`, `seg ...` and `bench ...`.
 
 Exit codes: 0 success; 2 bad input (a config value, file or run folder refused before any work);
 1 a failure at run time (a diverged run, a full disk, an unexpected error); 130 interrupted.
@@ -18,6 +18,7 @@ import click
 import typer
 
 from experiments.cli_fed import fed_app
+from experiments.cli_seg import seg_app
 from experiments.cli_unlearn import unlearn_app
 from shared.errors import ConfigError, RunError
 
@@ -26,6 +27,7 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (ratios measured 
 app.add_typer(bench_app, name="bench")
 app.add_typer(fed_app, name="fed")
 app.add_typer(unlearn_app, name="unlearn")
+app.add_typer(seg_app, name="seg")
 
 
 def split_args(args: list[str] | None) -> tuple[Path | None, list[str]]:
@@ -74,6 +76,19 @@ def bench_fed(
     from experiments.bench.fed import run
 
     run(out_dir=out, quick=quick, seed=seed, threads=threads, flower=flower)  # prints the tables
+
+
+@bench_app.command("seg")
+def bench_seg(
+    out: Optional[Path] = typer.Option(None, help="folder for seg.json and seg.md (default: print only)"),
+    quick: bool = typer.Option(False, help="small sizes and few repeats, for smoke tests"),
+    threads: Optional[int] = typer.Option(1, min=1, help="torch threads"),
+    seed: int = typer.Option(0),
+) -> None:
+    """The Mamba selective scan against its sequential reference; UU-Mamba's SAM step against the SGD step."""
+    from experiments.bench.seg import run
+
+    run(out_dir=out, quick=quick, seed=seed, threads=threads)  # prints the tables
 
 
 @bench_app.command("unlearn")
