@@ -12,7 +12,6 @@ only difference between the baseline and the variant.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from seg.mamba import MambaLayer
-from shared.registry import Registry
+from shared.registry import Registry, check_keyword_options
 
 __all__ = ["SEG_MODELS", "UMambaEnc", "UNet", "build_seg_model"]
 
@@ -130,9 +129,5 @@ def build_seg_model(name: str, in_channels: int, num_classes: int, **options: An
     """The segmentation network `name` ("unet", "umamba") for `in_channels` input channels and `num_classes`
     classes (background included); `options` are its keyword-only settings (base_channels, depth, ...)."""
     builder = SEG_MODELS.get(name, "model")
-    allowed = [p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"model_options.{unknown[0]}: unknown option of seg model '{name}'. "
-                         f"Allowed: {', '.join(allowed)}")
+    check_keyword_options(builder, options, f"seg model '{name}'")
     return builder(in_channels, num_classes, **options)

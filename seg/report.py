@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.report import save_figure, write_table
+from shared.report import save_panels, write_table
 from shared.runio import RunDir, environment
 from shared.stats import mean_std, paired_difference
 
@@ -97,11 +97,7 @@ def plot_curves(path: Path, epochs: list[dict[str, Any]], title: str) -> None:
                             color=line.get_color(), alpha=0.2)
     dice_ax.set(xlabel="epoch", ylabel="foreground Dice", title="Validation Dice")
     loss_ax.set(xlabel="epoch", ylabel="training loss at w", yscale="log", title="Training loss")
-    for ax in (dice_ax, loss_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    save_figure(fig, path, dpi=150)
+    save_panels(fig, (dice_ax, loss_ax), title, path)
 
 
 def finish(run: RunDir, cfg: SegConfig, config: dict[str, Any], splits: dict[str, Split], wall_s: float

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -70,3 +71,12 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def check_keyword_options(builder: Any, options: Mapping[str, Any], what: str, field: str = "model_options") -> None:
+    """A ValueError naming the first of `options` that `builder` takes no keyword-only argument for, and
+    the ones it takes (a builder's options come from configs as plain mappings)."""
+    allowed = [p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{field}.{unknown[0]}: unknown option of {what}. Allowed: {', '.join(allowed) or '(none)'}")

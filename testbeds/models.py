@@ -13,7 +13,6 @@ no batch statistics to average).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from shared.models import DigitsCNN
-from shared.registry import Registry
+from shared.registry import Registry, check_keyword_options
 
 ModelBuilder = Callable[[int, tuple[int, ...]], nn.Module]
 MODELS: Registry[ModelBuilder] = Registry("model")
@@ -45,11 +44,7 @@ def build_model(name: str, num_classes: int, input_shape: tuple[int, ...], **opt
     """The model `name` for examples of shape `input_shape` (no batch dimension) and `num_classes` classes;
     `options` are the builder's keyword-only settings (e.g. width=8 for digits-cnn)."""
     builder = MODELS.get(name, "model")
-    allowed = [p.name for p in inspect.signature(builder).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(f"model_options.{unknown[0]}: unknown option of model '{name}'. "
-                         f"Allowed: {', '.join(allowed) or '(none)'}")
+    check_keyword_options(builder, options, f"model '{name}'")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}")
     try:
