@@ -19,6 +19,7 @@ from fedsam import client
 from fedsam.batched import BatchedTrainer, NodeLoss, StackedModel, batch_sizes, chunk_plan
 from fedsam.client import batch_indices, federated_data, local_update
 from fedsam.config import FedConfig
+from fedsam.data import FederatedData
 from fedsam.engine import run_batched, run_fed, run_inprocess
 from fedsam.run import FedRun
 from shared import Batch, build_optimizer, member_backward
@@ -67,6 +68,13 @@ def float64() -> Iterator[None]:
     finally:
         torch.set_default_dtype(old)
         client._cached_model.cache_clear()
+
+
+def float64_data(cfg: FedConfig) -> FederatedData:
+    """`cfg`'s data with float64 inputs."""
+    data = federated_data(cfg)
+    nodes = [dataclasses.replace(n, train_x=n.train_x.double(), test_x=n.test_x.double()) for n in data.nodes]
+    return dataclasses.replace(data, nodes=nodes, test_x=data.test_x.double())
 
 
 @pytest.mark.parametrize(("name", "options"), [
@@ -140,14 +148,20 @@ def test_batched_engine_equals_sequential_in_float64(tmp_path: Path, float64: No
     chunks hold equal step counts only."""
     cfg = small(tmp_path, "a", node_chunk=chunk, dataset="mnist1d", dataset_options={"num_samples": 800},
                 model="cnn1d", rounds=2, **options)
-    data32 = federated_data(cfg)
-    nodes = [dataclasses.replace(n, train_x=n.train_x.double(), test_x=n.test_x.double()) for n in data32.nodes]
-    data = dataclasses.replace(data32, nodes=nodes, test_x=data32.test_x.double())
-    steps = {cfg.local_step_count(len(n.train_y)) for n in nodes}
-    assert len(steps) > 1 and any(len(n.train_y) % cfg.batch_size for n in nodes)  # masking and padding happen
+    data = float64_data(cfg)
+    steps = {cfg.local_step_count(len(n.train_y)) for n in data.nodes}
+    assert len(steps) > 1 and any(len(n.train_y) % cfg.batch_size for n in data.nodes)  # masking and padding happen
     seq = _rows(cfg, data, batched=False)
     bat = _rows(dataclasses.replace(cfg, name="b"), data, batched=True)
     np.testing.assert_allclose(bat, seq, rtol=1e-9, atol=1e-11)
+
+
+def test_chunked_passes_equal_one_pass_in_float64(tmp_path: Path, float64: None) -> None:
+    cfg = small(tmp_path, "one", dataset="mnist1d", dataset_options={"num_samples": 800}, model="cnn1d", rounds=1)
+    data = float64_data(cfg)
+    whole = _rows(dataclasses.replace(cfg, node_chunk=cfg.num_nodes), data, batched=True)
+    pieces = _rows(dataclasses.replace(cfg, name="two", node_chunk=2), data, batched=True)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-12, atol=1e-14)
 
 
 def test_batch_sizes_follow_batch_indices() -> None:
@@ -226,10 +240,8 @@ def test_unbatchable_optimizer_or_model_is_refused_or_falls_back(tmp_path: Path,
 def test_vectorized_personal_evaluation_equals_one_node_at_a_time(tmp_path: Path, float64: None) -> None:
     """Nodes with local test splits of different sizes, in chunks smaller than N: the same accuracies."""
     cfg = small(tmp_path, "ev", node_chunk=4, dataset="mnist1d", dataset_options={"num_samples": 800}, model="cnn1d")
-    data32 = federated_data(cfg)
-    nodes = [dataclasses.replace(n, train_x=n.train_x.double(), test_x=n.test_x.double()) for n in data32.nodes]
-    data = dataclasses.replace(data32, nodes=nodes, test_x=data32.test_x.double())
-    assert len({len(n.test_y) for n in nodes}) > 1
+    data = float64_data(cfg)
+    assert len({len(n.test_y) for n in data.nodes}) > 1
     with FedRun(cfg, progress=False, data=data) as run:
         X = run.X + 0.05 * torch.randn(run.X.shape, generator=torch.Generator().manual_seed(0))  # nodes differ
         trainer = BatchedTrainer(cfg, run.data, run.spec)
