@@ -13,6 +13,10 @@ reference's `FocalLoss` (alpha 0.5, gamma 2, label smoothing 1e-5). Differences 
   reference registers the weights of a loss it then replaces, so they are never trained, 6f.1).
 
 `DeepSupervisionLoss` applies the loss to each output of a deep-supervised network with nnU-Net's weights.
+
+Written by hand rather than with MONAI's losses: MONAI has no uncertainty weighting, and its `DiceLoss` and
+`FocalLoss` reduce differently from the nnU-Net terms the reference uses (batch Dice over the foreground
+classes, the reference's label smoothing). MONAI's losses serve as the tests' references instead.
 """
 
 from __future__ import annotations
