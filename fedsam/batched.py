@@ -240,6 +240,7 @@ class BatchedTrainer:
         probe = cfg.local_optimizer([torch.zeros(1, requires_grad=True)], 0)
         base = probe.base_optimizer if isinstance(probe, SharpnessAware) else probe
         self.mask_exact = type(base) is torch.optim.SGD  # its only state, the momentum, is element-wise
+        self._plan: tuple[tuple[int, ...], list[list[int]]] | None = None  # (live nodes, their passes)
 
     def batch_sizes(self, node: int) -> list[int]:
         """Node `node`'s batch sizes in a round, one per local step."""
@@ -248,12 +249,20 @@ class BatchedTrainer:
 
     def round(self, r: int, tasks: Sequence[tuple[int, Mapping[str, Tensor]]]) -> dict[int, tuple[dict, dict]]:
         states = dict(tasks)
-        sizes = {node: self.batch_sizes(node) for node in states}
         updates: dict[int, tuple[dict, dict]] = {}
-        overhead = STEP_OVERHEAD.get(self.device.type, 1.0)
-        for nodes in chunk_plan(sizes, self.node_chunk, mask=self.mask_exact, overhead=overhead):
-            updates.update(self._train(r, nodes, [states[i] for i in nodes], [len(sizes[i]) for i in nodes]))
+        for nodes in self._passes(tuple(states)):
+            updates.update(self._train(r, nodes, [states[i] for i in nodes],
+                                       [len(self.batch_sizes(i)) for i in nodes]))
         return {node: updates[node] for node in states}
+
+    def _passes(self, live: tuple[int, ...]) -> list[list[int]]:
+        """The round's passes for the live nodes; the plan is kept while they stay the same (every round
+        of a run without failures), since the nodes' batch sizes never change."""
+        if self._plan is None or self._plan[0] != live:
+            sizes = {node: self.batch_sizes(node) for node in live}
+            overhead = STEP_OVERHEAD.get(self.device.type, 1.0)
+            self._plan = (live, chunk_plan(sizes, self.node_chunk, mask=self.mask_exact, overhead=overhead))
+        return self._plan[1]
 
     def _train(self, r: int, nodes: list[int], states: list[Mapping[str, Tensor]], steps: list[int]
                ) -> dict[int, tuple[dict, dict]]:
