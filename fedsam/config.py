@@ -20,7 +20,7 @@ from fedsam.topology import build_topology, is_random_topology
 from shared import BASE_OPTIMIZERS, OPTIMIZERS, build_optimizer
 from shared.config import ConfigError, check_finite
 from shared.runio import check_run_name
-from shared.validate import check_device, check_nonnegative, check_positive, check_range
+from shared.validate import check_device, check_int, check_nonnegative, check_positive, check_range
 
 #: The most nodes a run may have: the mixing matrix is a dense N x N array (float64: 800 MB at
 #: 10,000 nodes) and its spectral gap an O(N^3) eigendecomposition (about a minute there).
@@ -85,12 +85,12 @@ class FedConfig:
             check_run_name(self.name)
         self._check_names()
         for key in ("rounds", "batch_size", "eval_every", "checkpoint_every", "classes_per_node"):
-            _check_int(key, getattr(self, key), 1)
-        _check_int("num_nodes", self.num_nodes, 2)
+            _int(key, getattr(self, key), 1)
+        _int("num_nodes", self.num_nodes, 2)
         self._check_size()
         for key in ("local_epochs", "local_steps", "threads", "node_chunk"):
             if getattr(self, key) is not None:
-                _check_int(key, getattr(self, key), 1)
+                _int(key, getattr(self, key), 1)
         if self.local_epochs is not None and self.local_steps is not None:
             raise ConfigError("local_epochs, local_steps: set one of them (the other stays null)")
         if self.gossip_steps is not None:
@@ -227,11 +227,6 @@ class FedConfig:
                 "local_steps_fixed": self.spec.local_steps, "device": str(self.torch_device)}
 
 
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}: expected an integer >= {low}, got {value!r}")
-
-
 def _wrap(check: Any, *args: Any, prefix: str | None = None) -> None:
     """Run a shared.validate check, turning its ValueError into a ConfigError."""
     try:
@@ -241,3 +236,7 @@ def _wrap(check: Any, *args: Any, prefix: str | None = None) -> None:
         if prefix is not None:
             message = f"{prefix}: {message.partition(': ')[2] or message}"
         raise ConfigError(message) from None
+
+
+def _int(key: str, value: Any, low: int) -> None:
+    check_int(key, value, low, ConfigError)

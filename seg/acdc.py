@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from nibabel.filebasedimages import ImageFileError
 
 from seg.synthetic import MIN_SIZE, make_slice
+from shared.validate import check_int
 
 __all__ = ["ACDC_LABELS", "AcdcCase", "AcdcDataset", "AcdcSlices", "load_case", "load_slices", "open_acdc",
            "patient_of", "split_cases", "volume_to_slices", "write_tiny_acdc"]
@@ -78,11 +79,6 @@ class AcdcSlices:
     spacing: np.ndarray
     cases: tuple[str, ...]
     slice_index: np.ndarray
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
 
 
 def _folder(path: Path) -> Path:
@@ -243,11 +239,11 @@ def volume_to_slices(image: np.ndarray, label: np.ndarray, size: int = 128, side
     ratio is kept), then resampled: bilinear for the image, nearest for the label. Images are padded with the
     volume's minimum (the air of a magnitude image: padding then looks like the background around the body, not
     a band of mean intensity), labels with background."""
-    _check_int("size", size, 1)
+    check_int("size", size, 1)
     if image.ndim != 3 or label.shape != image.shape:
         raise ValueError(f"image {image.shape} and label {label.shape}: expected the same (H, W, slices) shape")
     side = max(image.shape[:2]) if side is None else side
-    _check_int("side", side, 1)
+    check_int("side", side, 1)
     values = image.astype(np.float64)
     # nnU-Net's ZScoreNormalization: statistics of the whole volume, std floored so a constant volume gives zeros
     normalised = (values - values.mean()) / max(values.std(), 1e-8)
@@ -267,7 +263,7 @@ def volume_to_slices(image: np.ndarray, label: np.ndarray, size: int = 128, side
 
 def load_slices(dataset: AcdcDataset, cases: Sequence[str], size: int = 128, side: int | None = None) -> AcdcSlices:
     """All short-axis slices of `cases`, in order, as `volume_to_slices` makes them."""
-    _check_int("size", size, 1)
+    check_int("size", size, 1)
     # each list starts with an empty array, so that no cases give empty arrays of the right shapes
     images, labels = [np.empty((0, 1, size, size), np.float32)], [np.empty((0, size, size), np.int64)]
     spacing, slice_index, slice_cases = [np.empty((0, 2))], [np.empty(0, np.int64)], []
@@ -291,7 +287,7 @@ def split_cases(cases: Sequence[str], val_fraction: float = 0.1, test_fraction: 
     patients, round(fraction * patients) of them (halves up) for val and test, the rest for train. The default
     70/10/20 is the usual ACDC split of the 2D literature (UU-Mamba itself trains on all 100 training patients and
     tests on the challenge's 50). The same cases and seed give the same split, whatever the order of `cases`."""
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
             raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
@@ -320,11 +316,11 @@ def write_tiny_acdc(root: str | Path, patients: int = 3, frames: int = 2, shape:
     (H, W), with MRI-like int16 intensities and uint8 labels 0..3."""
     for name, value, low in (("patients", patients, 1), ("frames", frames, 1), ("test_patients", test_patients, 0),
                              ("seed", seed, 0)):
-        _check_int(name, value, low)
+        check_int(name, value, low)
     if len(shape) != 3:
         raise ValueError(f"shape: expected (H, W, slices), got {shape!r}")
     for value in shape:
-        _check_int("shape", value, 1)
+        check_int("shape", value, 1)
     height, width, depth = shape
     folder = Path(root) / "Dataset027_ACDC"
     subsets = {"Tr": range(1, patients + 1), "Ts": range(patients + 1, patients + test_patients + 1)}

@@ -25,15 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from shared.validate import check_int
+
 __all__ = ["dice_per_class", "dice_reference", "hd95_per_class", "one_hot", "segmentation_metrics"]
 
 LabelMap = np.ndarray | Tensor
 Spacing = float | Sequence[float] | Sequence[Sequence[float]] | np.ndarray
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
 
 
 def _labels(name: str, labels: LabelMap, num_classes: int) -> Tensor:
@@ -52,7 +49,7 @@ def _labels(name: str, labels: LabelMap, num_classes: int) -> Tensor:
 
 
 def _pair(pred_labels: LabelMap, true_labels: LabelMap, num_classes: int) -> tuple[Tensor, Tensor]:
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_classes", num_classes, 2)
     pred, true = _labels("pred_labels", pred_labels, num_classes), _labels("true_labels", true_labels, num_classes)
     if pred.shape != true.shape:
         raise ValueError(f"pred_labels {tuple(pred.shape)} and true_labels {tuple(true.shape)}: expected the same shape")
@@ -63,7 +60,7 @@ def _pair(pred_labels: LabelMap, true_labels: LabelMap, num_classes: int) -> tup
 
 def one_hot(labels: LabelMap, num_classes: int) -> Tensor:
     """Label maps (batch, *spatial) as float one-hot (batch, num_classes, *spatial), the layout MONAI's metrics take."""
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_classes", num_classes, 2)
     return F.one_hot(_labels("labels", labels, num_classes), num_classes).movedim(-1, 1).float()
 
 

@@ -20,16 +20,12 @@ from torch import Tensor, nn
 
 from seg.mamba import MambaLayer
 from shared.registry import Registry, check_keyword_options
+from shared.validate import check_int
 
 __all__ = ["SEG_MODELS", "UMambaEnc", "UNet", "build_seg_model"]
 
 SegModelBuilder = Callable[..., nn.Module]
 SEG_MODELS: Registry[SegModelBuilder] = Registry("seg model")
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
 
 
 def _conv_block(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
@@ -62,10 +58,10 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, *, base_channels: int = 16, depth: int = 4,
                  deep_supervision: bool = False) -> None:
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 2)
-        _check_int("base_channels", base_channels, 1)
-        _check_int("depth", depth, 2)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 2)
+        check_int("base_channels", base_channels, 1)
+        check_int("depth", depth, 2)
         self.depth, self.deep_supervision = depth, deep_supervision
         self.channels = tuple(base_channels * 2**s for s in range(depth))
         inputs = (in_channels, *self.channels[:-1])

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared.validate import check_int
+
 __all__ = ["CLASSES", "DOMAINS", "make_slice", "make_slices", "make_split"]
 
 CLASSES = ("background", "right ventricle", "myocardium", "left ventricle")  # ACDC's labels 0..3
@@ -107,21 +109,16 @@ def _heart(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.ndarray
     return labels
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
 def _check(size: int, seed: int, domain: str) -> None:
-    _check_int("size", size, MIN_SIZE)
-    _check_int("seed", seed, 0)
+    check_int("size", size, MIN_SIZE)
+    check_int("seed", seed, 0)
     if domain not in _SCANNERS:
         raise ValueError(f"domain: unknown domain {domain!r}. Allowed: {', '.join(DOMAINS)}")
 
 
 def make_slice(index: int, size: int = 64, seed: int = 0, domain: str = "source") -> tuple[np.ndarray, np.ndarray]:
     """Slice `index`: (image float32 (1, size, size), z-scored; labels int64 (size, size) in 0..3)."""
-    _check_int("index", index, 0)
+    check_int("index", index, 0)
     _check(size, seed, domain)
     scanner = _SCANNERS[domain]
     rng = np.random.default_rng((seed, index))
@@ -156,8 +153,8 @@ def make_slice(index: int, size: int = 64, seed: int = 0, domain: str = "source"
 def make_slices(n: int, size: int = 64, seed: int = 0, domain: str = "source",
                 start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Slices start .. start+n-1: (images float32 (n, 1, size, size), labels int64 (n, size, size))."""
-    _check_int("n", n, 0)
-    _check_int("start", start, 0)
+    check_int("n", n, 0)
+    check_int("start", start, 0)
     _check(size, seed, domain)
     images = np.empty((n, 1, size, size), dtype=np.float32)
     labels = np.empty((n, size, size), dtype=np.int64)
@@ -171,7 +168,7 @@ def make_split(n_train: int = 200, n_val: int = 50, n_test: int = 100, size: int
     """Disjoint train / val / test slices of the source domain (consecutive indices), and "test_shifted": the
     test slices seen by the shifted scanner, so that the gap between the two test sets is the domain shift alone."""
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        _check_int(name, value, 0)
+        check_int(name, value, 0)
     starts = {"train": 0, "val": n_train, "test": n_train + n_val}
     counts = {"train": n_train, "val": n_val, "test": n_test}
     split = {name: make_slices(counts[name], size=size, seed=seed, start=starts[name]) for name in starts}

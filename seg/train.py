@@ -45,7 +45,7 @@ from shared import Batch, build_optimizer, member_backward
 from shared.config import ConfigError, check_finite, to_dict
 from shared.runio import RunDir, check_run_name
 from shared.seeding import derive_seed
-from shared.validate import check_device, check_nonnegative, check_positive, check_range
+from shared.validate import check_device, check_int, check_nonnegative, check_positive, check_range
 
 RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "overlays")
 EVAL_BATCH = 32  # slices per forward pass when evaluating
@@ -119,11 +119,11 @@ class SegConfig:
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: expected distinct integers, at least one, got {self.seeds}")
         for key in ("epochs", "batch_size", "size", "n_train", "n_val", "n_test", "base_channels"):
-            _check_int(key, getattr(self, key), 1)
-        _check_int("depth", self.depth, 2)
-        _check_int("overlays", self.overlays, 0)
+            _int(key, getattr(self, key), 1)
+        _int("depth", self.depth, 2)
+        _int("overlays", self.overlays, 0)
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
+            _int("threads", self.threads, 1)
         factor = 2 ** (self.depth - 1)
         if self.size % factor:
             raise ConfigError(f"size: expected a multiple of {factor} (depth {self.depth} halves it {self.depth - 1} "
@@ -158,9 +158,8 @@ class SegConfig:
         return self.torch_device.type == "cuda" if self.amp is None else self.amp
 
 
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}: expected an integer >= {low}, got {value!r}")
+def _int(key: str, value: Any, low: int) -> None:
+    check_int(key, value, low, ConfigError)
 
 
 Split = tuple[Tensor, Tensor]  # images (n, 1, H, W) float32, labels (n, H, W) int64

@@ -15,6 +15,14 @@ def _check_number(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_int(name: str, value: Any, low: int, error: type[ValueError] = ValueError) -> None:
+    """An integer (numpy's too, not bool) >= low; `error` lets a config raise its ConfigError."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise error(f"{name}: expected an integer >= {low}, got {value!r}")
+
+
 def check_positive(name: str, value: Any) -> None:
     if _check_number(name, value) <= 0:
         raise ValueError(f"{name}: expected a value > 0, got {value!r}")
