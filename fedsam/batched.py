@@ -39,7 +39,7 @@ from shared.config import ConfigError
 from shared.sam.base import SharpnessAware
 
 if TYPE_CHECKING:
-    from fedsam.data import FederatedData
+    from fedsam.partitions import FederatedData
 
 IGNORE = -100  # the target of a padded example (F.cross_entropy's ignore_index)
 MEMORY_FRACTION = 0.5  # of the free memory that an automatic node_chunk may fill

@@ -25,7 +25,7 @@ from shared.config import ConfigError
 from shared.seeding import derive_seed
 
 if TYPE_CHECKING:
-    from fedsam.data import FederatedData
+    from fedsam.partitions import FederatedData
 
 EVAL_BATCH = 1024  # examples per forward pass when evaluating (bounds activation memory)
 

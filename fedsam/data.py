@@ -18,14 +18,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, PathologicalPartitioner
-from torch import Tensor
 
+from fedsam.partitions import FederatedData, NodeData  # re-exported: their home is the light module
 from shared.registry import Registry
 from shared.seeding import derive_seed
 from shared.validate import check_positive
@@ -49,34 +47,14 @@ from testbeds.sources import (  # re-exported: the data sets moved to testbeds, 
     random_crop_flip,
 )
 
+if TYPE_CHECKING:  # imported where a split is built: validating a config needs the names only
+    from flwr_datasets.partitioner import Partitioner
+
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "CIFAR_PADDING", "DATASETS", "DECODE_CHUNK",
     "PARTITIONERS", "SPLITS", "Augment", "FederatedData", "ImageSource", "NodeData", "PartitionOptions",
     "cifar10_source", "cifar100_source", "digits_source", "load_federated", "random_crop_flip",
 ]
-
-
-@dataclass(frozen=True)
-class NodeData:
-    """One node's local data, ready for the model: float32 normalised images, int64 labels."""
-
-    train_x: Tensor
-    train_y: Tensor
-    test_x: Tensor
-    test_y: Tensor
-
-
-@dataclass(frozen=True)
-class FederatedData:
-    """All nodes' data plus the global test set; `augment` is the train-time augmentation of a batch."""
-
-    name: str
-    nodes: list[NodeData]
-    test_x: Tensor
-    test_y: Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]
-    augment: Augment | None
 
 
 @dataclass(frozen=True)
@@ -96,6 +74,8 @@ PARTITIONERS: Registry[Callable[[PartitionOptions], Partitioner]] = Registry("pa
 
 @PARTITIONERS.register("iid")
 def iid_partitioner(opts: PartitionOptions) -> Partitioner:
+    from flwr_datasets.partitioner import IidPartitioner
+
     return IidPartitioner(opts.num_nodes)  # equal shards of the (seeded, shuffled) training set
 
 
@@ -103,6 +83,8 @@ def iid_partitioner(opts: PartitionOptions) -> Partitioner:
 def dirichlet_partitioner(opts: PartitionOptions) -> Partitioner:
     # self_balancing stops giving samples to nodes above the average size, as the NIID-Bench/DisPFL
     # code does, which keeps node sizes closer to the reference's equal-sized nodes.
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     check_positive("alpha", opts.alpha)
     return DirichletPartitioner(
         opts.num_nodes,
@@ -121,6 +103,8 @@ def pathological_partitioner(opts: PartitionOptions) -> Partitioner:
         raise ValueError(f"classes_per_node: expected an integer in [1, {opts.num_classes}] (the classes), got {k!r}")
     # "first-deterministic" (McMahan et al.'s split) gives node i class i mod C first, so that
     # every class is used once there are at least as many nodes as classes.
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
     return PathologicalPartitioner(
         opts.num_nodes, "label", k, class_assignment_mode="first-deterministic", seed=opts.seed
     )
@@ -181,6 +165,8 @@ def load_federated(
     # Partition the labels only (a shuffled label/index table), so no image is decoded until the end.
     labels = label_column(source.train)
     order = np.random.default_rng(derive_seed(seed, "shuffle")).permutation(n_train)
+    from datasets import Dataset
+
     part.dataset = Dataset.from_dict({"label": labels[order], "index": order})
     try:
         with warnings.catch_warnings():  # flwr-datasets warns at each Dirichlet redraw, listing every alpha

@@ -1,5 +1,5 @@
 """The engines that drive a `FedRun`: the fast in-process loop (no Flower, no Ray: for sweeps and
-tests) and, through `run_fed`, the Flower simulation (`fedsam.flower_app.run_flower`). Both call
+tests) and, through `run_fed`, the Flower simulation (`fedsam.server_app.run_flower`). Both call
 the same `local_update`, so the same config and seed give the same metrics. `run_sweep` runs a
 grid of configs (a table of the paper) one after the other and compares them."""
 
@@ -63,7 +63,7 @@ def run_fed(cfg: FedConfig, *, progress: bool = True) -> dict[str, Any]:
 
         tqdm.write(f"{cfg.name}: engine=auto runs in-process (one node at a time): {reason}")
         return run_inprocess(cfg, progress=progress)
-    from fedsam.flower_app import run_flower  # imports flwr: only when asked for
+    from fedsam.server_app import run_flower  # imports flwr: only when asked for
 
     return run_flower(cfg, progress=progress)
 

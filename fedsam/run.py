@@ -42,7 +42,7 @@ from shared.runio import RunDir, environment
 from shared.seeding import derive_seed
 
 if TYPE_CHECKING:
-    from fedsam.data import FederatedData
+    from fedsam.partitions import FederatedData
 
 # Config fields that do not change a run's numbers: a run may resume with other values (more rounds, say).
 RESUME_NEUTRAL = ("name", "out_dir", "resume", "threads", "engine", "node_chunk", "rounds", "checkpoint_every",

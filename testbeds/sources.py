@@ -12,20 +12,21 @@ its options, so an unknown option or a bad value is a ValueError that names it.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
 from torch import Tensor
 
 from shared.digits import digits_split
 from shared.registry import Registry
+from testbeds.augment import Augment, random_crop_flip  # re-exported: the augmentations live apart (torch only)
 
-Augment = Callable[[Tensor, torch.Generator], Tensor]
+if TYPE_CHECKING:  # `datasets` is imported where a data set is built: validating a config needs the names only
+    from datasets import Dataset, DatasetDict
 
 SPLITS = ("train", "test")
 DECODE_CHUNK = 4096  # images decoded at a time
@@ -125,30 +126,10 @@ def source_tensors(source: ImageSource, split: str) -> tuple[Tensor, Tensor]:
     return x, torch.from_numpy(label_column(ds))
 
 
-def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int, fill: tuple[float, ...]) -> Tensor:
-    """Random crop with `padding` and horizontal flip of a batch (B, C, H, W), as torchvision's
-    RandomCrop(H, padding) + RandomHorizontalFlip on each image (there is no CPU torchvision
-    wheel); the padding takes `fill`, the normalised value of a black pixel. The draws come from
-    the CPU `generator`, so a seeded run repeats on any device."""
-    b, c, h, w = x.shape
-    padded = (
-        torch.tensor(fill, dtype=x.dtype, device=x.device)
-        .view(1, c, 1, 1)
-        .repeat(b, 1, h + 2 * padding, w + 2 * padding)
-    )
-    padded[:, :, padding : padding + h, padding : padding + w] = x
-    top = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-    left = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    cols = left[:, None] + torch.arange(w, device=x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows = top[:, None] + torch.arange(h, device=x.device)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
-
-
 @functools.cache  # built once per process: the sources are never modified
 def _digits() -> ImageSource:
+    from datasets import Array3D, ClassLabel, Dataset, Features
+
     x_train, y_train, x_test, y_test = digits_split()
     features = Features({"image": Array3D(shape=(1, 8, 8), dtype="float32"), "label": ClassLabel(num_classes=10)})
 
@@ -174,6 +155,8 @@ def _load_splits(name: str, hub_id: str, data_dir: str | None) -> tuple[DatasetD
     """The raw splits and where they came from. A local copy in `data_dir/<name>` or `data_dir` (a
     `save_to_disk` folder, or `train*.parquet`/`test*.parquet` files as on the hub) wins over the
     hub, whose download is cached in `data_dir`."""
+    from datasets import load_dataset, load_from_disk
+
     for folder in [] if data_dir is None else [Path(data_dir) / name, Path(data_dir)]:
         if (folder / "dataset_dict.json").is_file():
             return load_from_disk(str(folder)), str(folder)
@@ -199,6 +182,8 @@ def _cifar_source(
     std: tuple[float, ...],
     data_dir: str | None,
 ) -> ImageSource:
+    from datasets import ClassLabel, Image
+
     splits, origin = _load_splits(name, hub_id, data_dir)
     expected = f"splits train and test with columns img (Image) and {label} (ClassLabel, {num_classes} classes)"
     for split in SPLITS:

@@ -151,7 +151,7 @@ def bench_engines(rounds: int, seed: int, threads: int, flower: bool) -> dict[st
             "overhead_ratio_eval_round": inproc[-1]["round_s"] / inproc[-1]["compute_s"],
         }
         if flower:
-            from fedsam.flower_app import run_flower
+            from fedsam.server_app import run_flower
 
             t0 = time.perf_counter()
             run_flower(_engine_config(out, "flower", rounds, seed, threads), progress=False,

@@ -90,10 +90,10 @@ def test_failed_nodes_are_logged_and_the_run_continues(tmp_path: Path) -> None:
 
 
 def test_engine_flower_dispatches_to_the_flower_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import fedsam.flower_app
+    import fedsam.server_app
 
     calls = []
-    monkeypatch.setattr(fedsam.flower_app, "run_flower", lambda cfg, progress: calls.append((cfg.engine, progress)) or {})
+    monkeypatch.setattr(fedsam.server_app, "run_flower", lambda cfg, progress: calls.append((cfg.engine, progress)) or {})
     assert run_fed(small(tmp_path, "fl", engine="flower"), progress=False) == {}
     assert calls == [("flower", False)]
 

@@ -32,12 +32,16 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedsam import flower_app
+from fedsam import client_app as client_module
+from fedsam import server_app as server_module
 from fedsam.client import federated_data, initial_state, local_update
+from fedsam.client_app import build_client_app
 from fedsam.config import FedConfig
 from fedsam.engine import run_inprocess
-from fedsam.flower_app import build_apps, fed_config_from_run_config, round_timeout
+from fedsam.messages import MEMBER_KEY, fed_config_from_run_config, relay_seconds
+from fedsam.partitions import export_partitions
 from fedsam.run import FedRun
+from fedsam.server_app import build_server_app, run_flower
 from shared.config import ConfigError
 from shared.errors import Diverged
 
@@ -68,28 +72,41 @@ def small(**kw: Any) -> dict[str, Any]:
 
 
 class LocalGrid(Grid):
-    """Delivers every message to `client_app` in this process. Supernode ids are unsorted on
-    purpose; `silent` (node, round) pairs never reply (a timeout)."""
+    """Delivers every message to `client_app` in this process. SuperNode k (of ids that are
+    unsorted on purpose) has node-config partition-id=k num-partitions=S, plus `node_config`;
+    `silent` (node, round) pairs never reply (a timeout); SuperNode k of `gone` {k: r} leaves the
+    federation once round r (from 0) has been sent."""
 
     def __init__(self, client_app: ClientApp, supernodes: int, run_config: dict[str, Any] | None = None,
-                 silent: Iterable[tuple[int, int]] = ()) -> None:
+                 silent: Iterable[tuple[int, int]] = (), node_config: dict[str, Any] | None = None,
+                 gone: dict[int, int] | None = None) -> None:
         self.client_app = client_app
         self.ids = [(7919 * (k + 3)) % 10007 for k in range(supernodes)]
-        self.contexts = {i: Context(1, i, {}, RecordDict(), run_config or {}) for i in self.ids}
+        self.contexts = {i: Context(1, i, {"partition-id": k, "num-partitions": supernodes, **(node_config or {})},
+                                    RecordDict(), run_config or {}) for k, i in enumerate(self.ids)}
         self.silent = set(silent)
-        self.delivered: list[tuple[int, int, int]] = []  # (supernode, node, round)
+        self.gone = {self.ids[k]: r for k, r in (gone or {}).items()}
+        self.sent_round = -1
+        self.delivered: list[tuple[int, int, int]] = []  # (supernode, node, round) of the train messages
+        self.queried: list[int] = []
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.ids)
+        return [i for i in self.ids if self.gone.get(i, math.inf) > self.sent_round]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as flwr's InMemoryGrid.push_messages does
-            task = msg.content["config"]
-            key = (int(task["node"]), int(task["round"]))
-            self.delivered.append((msg.metadata.dst_node_id, *key))
-            assert msg.metadata.message_type == MessageType.TRAIN and msg.metadata.group_id == str(key[1])
+            key = None
+            assert msg.metadata.ttl == timeout  # the relay's timeout is also the messages' time-to-live
+            if msg.metadata.message_type == MessageType.QUERY:
+                self.queried.append(msg.metadata.dst_node_id)
+            else:
+                task = msg.content["config"]
+                key = (int(task["node"]), int(task["round"]))
+                self.sent_round = max(self.sent_round, key[1])
+                self.delivered.append((msg.metadata.dst_node_id, *key))
+                assert msg.metadata.message_type == MessageType.TRAIN and msg.metadata.group_id == str(key[1])
             try:
                 reply = self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
             except Exception as ex:  # noqa: BLE001  (any ClientApp error becomes an Error reply, as Flower does)
@@ -142,10 +159,11 @@ def test_pyproject_declares_the_apps_and_every_config_field() -> None:
     run_config = pyproject_run_config()
     scalar = {f.name for f in fields(FedConfig) if not isinstance(getattr(FedConfig(), f.name), dict)}
     declared = {key.split(".")[0].replace("-", "_") for key in run_config}
-    assert declared == scalar | {"dataset_options", "topology_options", "optimizer_options", "round_timeout"}
+    assert declared == scalar | {"dataset_options", "topology_options", "optimizer_options", "round_timeout",
+                                 "node_wait"}
     # the defaults of `flwr run .` are those of `samsuite fed run`, on the Flower engine
     assert fed_config_from_run_config(run_config) == FedConfig(engine="flower")
-    assert round_timeout(run_config) == 3600.0
+    assert relay_seconds(run_config, "round-timeout") == 3600.0 and relay_seconds(run_config, "node-wait") == 120.0
 
 
 def test_run_config_keys_map_onto_the_config() -> None:
@@ -157,7 +175,7 @@ def test_run_config_keys_map_onto_the_config() -> None:
     assert cfg.topology_options == {"k": 2} and cfg.optimizer_options == {"alpha": 0.2}  # "" options stay unset
     assert cfg.momentum is None and cfg.local_epochs is None and cfg.name is not None  # "" = null
     assert cfg.rho == 1.0 and isinstance(cfg.rho, float)
-    assert round_timeout(run_config) == 5.0
+    assert relay_seconds(run_config, "round-timeout") == 5.0
 
 
 @pytest.mark.parametrize(("run_config", "field"), [
@@ -171,10 +189,11 @@ def test_bad_run_config_names_the_field(run_config: dict[str, Any], field: str) 
         fed_config_from_run_config(run_config)
 
 
+@pytest.mark.parametrize("key", ["round-timeout", "node-wait"])
 @pytest.mark.parametrize("value", [0, -1.0, "soon", True])
-def test_bad_round_timeout(value: Any) -> None:
-    with pytest.raises(ConfigError, match="round-timeout"):
-        round_timeout({"round-timeout": value})
+def test_bad_relay_seconds(key: str, value: Any) -> None:
+    with pytest.raises(ConfigError, match=key):
+        relay_seconds({key: value}, key)
 
 
 # ------------------------------------------------------------------------------------------------ ClientApp
@@ -188,8 +207,9 @@ def test_train_handler_returns_the_local_update(tmp_path: Path) -> None:
     msg = Message(RecordDict({"arrays": ArrayRecord(x), "config": ConfigRecord({"node": 2, "round": 1})}),
                   dst_node_id=42, message_type=MessageType.TRAIN)
     msg.metadata.__dict__["_message_id"] = "m-1"
-    context = Context(run_id=1, node_id=42, node_config={}, state=RecordDict(), run_config=run_config)
-    reply = flower_app.client_app(msg, context)
+    context = Context(run_id=1, node_id=42, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                      run_config=run_config)
+    reply = client_module.app(msg, context)
     assert not reply.has_error() and reply.metadata.reply_to_message_id == "m-1" and reply.metadata.dst_node_id == 0
     want_y, want_metrics = local_update(x, 2, 1, cfg, data)
     got_y = reply.content["arrays"].to_torch_state_dict()
@@ -197,26 +217,36 @@ def test_train_handler_returns_the_local_update(tmp_path: Path) -> None:
     for key in want_y:
         assert torch.equal(got_y[key], want_y[key]), key
     assert not torch.equal(got_y["head.weight"], x["head.weight"])  # it trained
-    got_metrics = dict(reply.content["metrics"])
-    assert set(got_metrics) == set(want_metrics)
-    for key in set(want_metrics) - TIMING:
+    got_metrics = dict(reply.content["metrics"])  # Flower's metric key num-examples, and the process's age
+    assert set(got_metrics) == set(want_metrics) - {"num_examples"} | {"num-examples", "process_s"}
+    assert got_metrics["num-examples"] == want_metrics["num_examples"] and got_metrics["process_s"] > 0
+    for key in set(want_metrics) - TIMING - {"num_examples"}:
         assert got_metrics[key] == want_metrics[key], key
+
+    msg = Message(RecordDict({"arrays": ArrayRecord(x), "config": ConfigRecord({"node": 1, "round": 1})}),
+                  dst_node_id=42, message_type=MessageType.TRAIN)  # node 1 is partition-id 1's
+    with pytest.raises(ConfigError, match=r"this SuperNode serves nodes \[0, 2\], not node 1"):
+        client_module.app(msg, context)
 
 
 # ------------------------------------------------------------------------------------------------ ServerApp
 @pytest.mark.parametrize("supernodes", [NODES, 3])
 def test_relay_gives_the_inprocess_metrics(tmp_path: Path, supernodes: int) -> None:
     """`flwr run`'s apps (config from the run config) through a grid of `supernodes`: the metrics
-    of the in-process engine; with fewer supernodes than nodes, node i runs on supernode i mod S."""
+    of the in-process engine; node i runs on the SuperNode whose partition-id is i mod S, which
+    the relay learned from one query per SuperNode."""
     run_config = {**pyproject_run_config(), **small(), "out-dir": str(tmp_path / "flower"), "name": "relay"}
-    grid = LocalGrid(flower_app.client_app, supernodes, run_config)
-    flower_app.server_app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    grid = LocalGrid(client_module.app, supernodes, run_config)
+    server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
     got = records(tmp_path / "flower" / "relay")
     want = inprocess_records(tmp_path, run_config)
     assert_same_metrics(got, want)
     assert want[-1]["consensus_distance"] > 0 and want[-1]["live"] == NODES
-    ids = sorted(grid.ids)
-    assert sorted(grid.delivered) == sorted((ids[i % supernodes], i, r) for r in range(2) for i in range(NODES))
+    assert sorted(grid.delivered) == sorted((grid.ids[i % supernodes], i, r) for r in range(2) for i in range(NODES))
+    assert sorted(grid.queried) == sorted(grid.ids)  # one query per SuperNode
+    log = [json.loads(line) for line in (tmp_path / "flower" / "relay" / "messages.jsonl").read_text().splitlines()]
+    assert [(m["round"], m["node"], m["status"]) for m in log] == [(r, i, "ok") for r in (1, 2) for i in range(NODES)]
+    assert all(m["compute_s"] > 0 and m["process_s"] > 0 for m in log)
     summary = json.loads((tmp_path / "flower" / "relay" / "summary.json").read_text())
     assert summary["config"]["engine"] == "flower" and summary["final"]["round"] == 2
 
@@ -232,7 +262,8 @@ class CarryingGrid(LocalGrid):
         messages = list(messages)
         for msg in messages:
             task = msg.content["config"]
-            self.carried[(int(task["round"]), int(task["node"]))] = flower_app.MEMBER_KEY in msg.content
+            if msg.metadata.message_type == MessageType.TRAIN:
+                self.carried[(int(task["round"]), int(task["node"]))] = MEMBER_KEY in msg.content
         return super().send_and_receive(messages, timeout=timeout)
 
 
@@ -243,8 +274,8 @@ def test_relay_carries_the_member_state_and_gives_the_inprocess_metrics(tmp_path
     run_config = {**pyproject_run_config(), **small(), "local-steps": "", "local-epochs": 1, "optimizer": "saf",
                   "optimizer-options.past": 1, "optimizer-options.start-epoch": 1,
                   "out-dir": str(tmp_path / "flower"), "name": "saf"}
-    grid = CarryingGrid(flower_app.client_app, NODES, run_config)
-    flower_app.server_app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    grid = CarryingGrid(client_module.app, NODES, run_config)
+    server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
     assert grid.carried == {(r, i): r > 0 for r in range(2) for i in range(NODES)}
     assert_same_metrics(records(tmp_path / "flower" / "saf"), inprocess_records(tmp_path, run_config))
 
@@ -261,12 +292,12 @@ def test_a_failed_node_is_dropped_from_mixing(tmp_path: Path, monkeypatch: pytes
                 raise RuntimeError("injected failure")
             return local_update(state, node, round_idx, *args, **kwargs)
 
-        monkeypatch.setattr(flower_app, "local_update", flaky)
+        monkeypatch.setattr(client_module, "local_update", flaky)
     else:
         silent.append((1, 0))
     summaries: list[dict[str, Any]] = []
-    server, client = build_apps(cfg, timeout_s=1.0, on_summary=summaries.append)
-    server(grid=LocalGrid(client, NODES, silent=silent), context=Context(1, 0, {}, RecordDict(), {}))
+    server = build_server_app(cfg, timeout_s=1.0, on_summary=summaries.append)
+    server(grid=LocalGrid(build_client_app(cfg), NODES, silent=silent), context=Context(1, 0, {}, RecordDict(), {}))
     got = records(tmp_path / "flower")
     assert [r["failed"] for r in got] == [[1], []] and [r["live"] for r in got] == [NODES - 1, NODES]
     assert summaries and summaries[0]["final"]["round"] == 2
@@ -284,10 +315,11 @@ def test_a_round_without_any_update_stops_the_run(tmp_path: Path, monkeypatch: p
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("broken ClientApp")
 
-    monkeypatch.setattr(flower_app, "local_update", broken)
-    server, client = build_apps(fed_config_from_run_config({**small(), "out-dir": str(tmp_path)}), timeout_s=1.0)
+    monkeypatch.setattr(client_module, "local_update", broken)
+    cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path)})
     with pytest.raises(RuntimeError, match="round 1: none of the 4 nodes returned an update; node 0: .*broken"):
-        server(grid=LocalGrid(client, NODES), context=Context(1, 0, {}, RecordDict(), {}))
+        build_server_app(cfg, timeout_s=1.0)(grid=LocalGrid(build_client_app(cfg), NODES),
+                                              context=Context(1, 0, {}, RecordDict(), {}))
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
@@ -299,16 +331,16 @@ def test_run_flower_rejects_bad_settings_before_starting(kwargs: dict[str, Any],
     cfg = FedConfig(num_nodes=NODES)
     cfg.device = kwargs.pop("device", "auto")  # set after the checks: "cuda" is refused there on a CPU machine
     with pytest.raises(ConfigError, match=field):
-        flower_app.run_flower(cfg, **kwargs)
+        run_flower(cfg, **kwargs)
 
 
 def test_the_relay_passes_its_error_on(tmp_path: Path) -> None:
     """A diverged run stops the ServerApp with the run's own error (Flower would only log it)."""
     errors: list[BaseException] = []
     cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path), "lr": 50.0, "max-loss": 1.0})
-    server, client = build_apps(cfg, timeout_s=30.0, on_error=errors.append)
+    server = build_server_app(cfg, timeout_s=30.0, on_error=errors.append)
     with pytest.raises(Diverged, match="round 1: the loss diverged"):
-        server(grid=LocalGrid(client, NODES), context=Context(1, 0, {}, RecordDict(), {}))
+        server(grid=LocalGrid(build_client_app(cfg), NODES), context=Context(1, 0, {}, RecordDict(), {}))
     assert len(errors) == 1 and isinstance(errors[0], Diverged)
 
 
@@ -317,7 +349,7 @@ def test_the_relay_passes_its_error_on(tmp_path: Path) -> None:
 def test_flower_simulation_stops_a_diverged_run_with_its_error(tmp_path: Path) -> None:
     cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path), "lr": 50.0, "max-loss": 1.0})
     with pytest.raises(Diverged, match="round 1: the loss diverged"):
-        flower_app.run_flower(cfg, progress=False)
+        run_flower(cfg, progress=False)
 
 
 @pytest.mark.slow
@@ -325,7 +357,7 @@ def test_flower_simulation_gives_the_inprocess_metrics(tmp_path: Path) -> None:
     """`run_flower` (Flower's Ray simulation engine, ClientApps in other processes) and
     `run_inprocess` on the same config and seed: the same metrics."""
     run_config = {**small(), "out-dir": str(tmp_path), "name": "flower"}
-    summary = flower_app.run_flower(fed_config_from_run_config(run_config), progress=False)
+    summary = run_flower(fed_config_from_run_config(run_config), progress=False)
     got = records(tmp_path / "flower")
     assert summary["final"] == got[-1]
     assert_same_metrics(got, inprocess_records(tmp_path, run_config))
