@@ -61,3 +61,45 @@ def compare(
     compare_runs(runs, out, title=title)
     typer.echo((out / "compare.md").read_text())
     typer.echo(f"compare.csv and compare.png in {out}")
+
+
+@fed_app.command("export-partitions", context_settings={"allow_extra_args": False})
+def export_partitions(
+    args: Optional[list[str]] = typer.Argument(None, help="[CONFIG.yaml] [key=value ...]"),
+    out: Path = typer.Option(..., "--out", help="folder for manifest.json and one node-NNNNN.safetensors per node"),
+) -> None:
+    """Write a run's split (the in-process engine's, same seed and settings) as one safetensors file
+    per node plus manifest.json: copy the manifest and a machine's own node files to it, and name the
+    folder in its SuperNode's --node-config partition-dir=... (README, "Deployment")."""
+    from experiments.cli import split_args
+    from fedsam.config import FedConfig
+    from fedsam.partitions import export_partitions as export
+    from shared.config import load_config
+
+    cfg = load_config(FedConfig, *split_args(args))
+    manifest = export(cfg, out)
+    typer.echo(f"{len(manifest['files'])} node partitions of {manifest['dataset']} (split {manifest['split']}) in {out}")
+
+
+@fed_app.command("deploy", context_settings={"allow_extra_args": False})
+def deploy(
+    args: Optional[list[str]] = typer.Argument(None, help="[CONFIG.yaml] [key=value ...]"),
+    supernodes: int = typer.Option(2, "--supernodes", help="SuperNodes to start; SuperNode k serves nodes k, k+S, ..."),
+    round_timeout: float = typer.Option(3600.0, "--round-timeout", help="seconds a round waits for its replies"),
+    node_wait: float = typer.Option(120.0, "--node-wait", help="seconds the relay waits for SuperNodes at the start"),
+) -> None:
+    """Run on Flower's Deployment Engine on this machine: a SuperLink and SuperNodes on 127.0.0.1
+    (private FLWR_HOME, free ports), each SuperNode reading only its own nodes' partitions; every
+    process is stopped afterwards, and a failed run exits non-zero. Results under runs/<name>/."""
+    from experiments.cli import split_args
+    from fedsam.config import FedConfig
+    from fedsam.deploy import deploy as run_deployed
+    from shared.config import load_config
+
+    cfg = load_config(FedConfig, *split_args(args))
+    summary = run_deployed(cfg, supernodes, round_timeout=round_timeout, node_wait=node_wait)
+    run_dir = Path(cfg.out_dir) / str(cfg.name)
+    typer.echo((run_dir / "results.md").read_text())
+    typer.echo(f"deployed run {summary['deployment']['run-id']}: {summary['deployment']['status']}; "
+               f"metrics.jsonl, messages.jsonl and summary.json in {run_dir}; logs in "
+               f"{Path(cfg.out_dir) / f'.deploy-{cfg.name}'}")

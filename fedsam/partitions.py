@@ -150,7 +150,7 @@ def export_partitions(cfg: FedConfig, out: str | Path, data: FederatedData | Non
     for node in range(cfg.num_nodes):
         part = data.nodes[node]
         digest = fingerprint(part)
-        tensors = {name: getattr(part, name).contiguous() for name in TENSORS}
+        tensors = {name: getattr(part, name).clone() for name in TENSORS}  # views of one buffer: own storage each
         meta = {"node": str(node), "fingerprint": digest}
         atomic_replace(out / node_file(node), lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), metadata=m))
         fingerprints.append(digest)

@@ -38,12 +38,12 @@ from fedsam.client import federated_data, initial_state, local_update
 from fedsam.client_app import build_client_app
 from fedsam.config import FedConfig
 from fedsam.engine import run_inprocess
-from fedsam.messages import MEMBER_KEY, fed_config_from_run_config, relay_seconds
+from fedsam.messages import MEMBER_KEY, fed_config_from_run_config, relay_seconds, served_nodes
 from fedsam.partitions import export_partitions
 from fedsam.run import FedRun
 from fedsam.server_app import build_server_app, run_flower
 from shared.config import ConfigError
-from shared.errors import Diverged
+from shared.errors import Diverged, RunError
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMING = {"compute_s", "round_s", "time_s"}  # wall-clock fields: differ between any two runs
@@ -425,3 +425,96 @@ def test_flwr_run_runs_the_app(tmp_path: Path) -> None:
             while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in [pid, *kids]):
                 time.sleep(0.2)
     assert not _superlinks_of(flwr_home)
+
+
+# ------------------------------------------------------------------------------------------------ SuperNodes' own nodes
+@pytest.mark.parametrize(("node_config", "want"), [
+    ({"partition-id": 1, "num-partitions": 3}, [1, 4, 7]),
+    ({"partition-id": 0, "num-partitions": 1}, list(range(8))),
+    ({"partition-id": 9, "num-partitions": 10}, []),  # more SuperNodes than nodes: this one serves none
+    ({"nodes": "0,3,5-7", "partition-id": 0, "num-partitions": 2}, [0, 3, 5, 6, 7]),  # an explicit list wins
+    ({"nodes": 4}, [4]),
+    ({"nodes": " 2 , 2,1 "}, [1, 2]),
+])
+def test_served_nodes_follow_the_node_config(node_config: dict[str, Any], want: list[int]) -> None:
+    assert served_nodes(node_config, 8) == want
+
+
+@pytest.mark.parametrize(("node_config", "match"), [
+    ({}, "node-config: name the nodes this SuperNode serves: partition-id=K num-partitions=S"),
+    ({"partition-id": 3, "num-partitions": 3}, r"0 <= partition-id < num-partitions; got partition-id=3"),
+    ({"partition-id": "0", "num-partitions": 2}, "expected integers"),
+    ({"num-partitions": 2}, "partition-id=None"),
+    ({"nodes": "0,x"}, r"nodes='0,x': expected node ids such as '0,3,5-7' \(bad part x\)"),
+    ({"nodes": "2-9"}, r"nodes \[8, 9\] are outside the run's num-nodes=8"),
+])
+def test_a_bad_node_config_names_the_key(node_config: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        served_nodes(node_config, 8)
+
+
+def replay(tmp_path: Path, run_config: dict[str, Any], failed: dict[int, list[int]]) -> list[dict[str, Any]]:
+    """The in-process engine's records with node failures `failed` {round: nodes}."""
+    cfg = fed_config_from_run_config({**run_config, "out-dir": str(tmp_path), "name": "replay"})
+    with FedRun(cfg, progress=False) as run:
+        for r in range(cfg.rounds):
+            updates = {i: local_update(x, i, r, cfg, run.data) for i, x in run.round_tasks(r)
+                       if i not in failed.get(r, [])}
+            run.finish_round(r, updates, failed=failed.get(r, []))
+    return records(tmp_path / "replay")
+
+
+def test_supernodes_train_from_their_exported_partitions(tmp_path: Path) -> None:
+    """node-config partition-dir: each SuperNode reads only its nodes' files (the others are
+    deleted), and the run has the in-process engine's metrics."""
+    run_config = {**pyproject_run_config(), **small(), "out-dir": str(tmp_path / "flower"), "name": "parts"}
+    cfg = fed_config_from_run_config(run_config)
+    export_partitions(cfg, tmp_path / "parts")
+    grid = LocalGrid(client_module.app, 2, run_config, node_config={"partition-dir": str(tmp_path / "parts")})
+    data = client_module.served_data(cfg, grid.contexts[grid.ids[0]].node_config, run_config)[1]
+    assert sorted(data.nodes) == [0, 2] and len(data.test_y) == 0  # SuperNode 0 holds nodes 0 and 2 only
+    server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    assert_same_metrics(records(tmp_path / "flower" / "parts"), inprocess_records(tmp_path, run_config))
+
+
+def test_a_gone_supernodes_nodes_fail_and_are_never_rerouted(tmp_path: Path) -> None:
+    """SuperNode 1 (nodes 1 and 3) leaves after round 1: its nodes fail in rounds 2 and 3, no
+    message of theirs goes to SuperNode 0, and the metrics equal an in-process replay of those failures."""
+    run_config = {**pyproject_run_config(), **small(rounds=3), "out-dir": str(tmp_path / "flower"), "name": "gone"}
+    grid = LocalGrid(client_module.app, 2, run_config, gone={1: 0})
+    server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    got = records(tmp_path / "flower" / "gone")
+    assert [r["failed"] for r in got] == [[], [1, 3], [1, 3]]
+    assert {(sn, i) for sn, i, _ in grid.delivered} == {(grid.ids[0], 0), (grid.ids[0], 2), (grid.ids[1], 1),
+                                                        (grid.ids[1], 3)}
+    assert_same_metrics(got, replay(tmp_path, run_config, {1: [1, 3], 2: [1, 3]}))
+    log = [json.loads(line) for line in (tmp_path / "flower" / "gone" / "messages.jsonl").read_text().splitlines()]
+    assert [m["status"] for m in log if m["node"] == 3] == ["ok", "unserved", "unserved"]
+
+
+def test_unclaimed_nodes_fail_every_round(tmp_path: Path) -> None:
+    """Two SuperNodes of num-partitions=4 serve nodes 0 and 1 only: after node-wait, nodes 2 and 3 fail."""
+    run_config = {**pyproject_run_config(), **small(), "out-dir": str(tmp_path / "flower"), "name": "half",
+                  "node-wait": 0.01}
+    grid = LocalGrid(client_module.app, 2, run_config, node_config={"num-partitions": 4})
+    server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    got = records(tmp_path / "flower" / "half")
+    assert [r["failed"] for r in got] == [[2, 3], [2, 3]]
+    assert_same_metrics(got, replay(tmp_path, run_config, {0: [2, 3], 1: [2, 3]}))
+
+
+@pytest.mark.parametrize(("node_config", "match"), [
+    ({"nodes": "0-3"}, r"SuperNode \d+ claims nodes \[0, 1, 2, 3\] that SuperNode\(s\) \[\d+\] already serve"),
+    ({"partition-dir": "PARTS"}, r"could not say which nodes it serves: .*another split \(seed: exported 1, run 0"),
+    ({"partition-id": ""}, r"could not say which nodes it serves: .*expected integers"),
+])
+def test_a_misconfigured_supernode_stops_the_run_at_the_start(tmp_path: Path, node_config: dict[str, Any],
+                                                             match: str) -> None:
+    run_config = {**pyproject_run_config(), **small(), "out-dir": str(tmp_path / "flower"), "name": "bad"}
+    if "partition-dir" in node_config:  # partitions of another seed
+        export_partitions(fed_config_from_run_config({**run_config, "seed": 1}), tmp_path / "parts")
+        node_config = {"partition-dir": str(tmp_path / "parts")}
+    grid = LocalGrid(client_module.app, 2, run_config, node_config=node_config)
+    with pytest.raises(RunError, match=match):
+        server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
+    assert grid.delivered == []  # no training started
