@@ -71,8 +71,17 @@ def bench_fed(
     flower: bool = typer.Option(True, "--flower/--no-flower", help="also time the Flower simulation (Ray start-up)"),
     threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
     seed: int = typer.Option(0),
+    deploy: bool = typer.Option(False, "--deploy", help="instead: Flower's Deployment Engine on 127.0.0.1, the "
+                                "per-message overhead against a bare script's cold start, rounds against in-process"),
+    supernodes: int = typer.Option(1, min=1, help="--deploy: SuperNodes to start"),
 ) -> None:
-    """Stacked gossip mixing vs a per-node loop (N=100), Flower vs in-process rounds, engine overhead."""
+    """Stacked gossip mixing vs a per-node loop (N=100), Flower vs in-process rounds, engine overhead,
+    the batched engine; with --deploy, the cost of a real local deployment (deploy.json, deploy.md)."""
+    if deploy:
+        from experiments.bench.deploy import run as run_deploy
+
+        run_deploy(out_dir=out, quick=quick, seed=seed, supernodes=supernodes)  # prints the table
+        return
     from experiments.bench.fed import run
 
     run(out_dir=out, quick=quick, seed=seed, threads=threads, flower=flower)  # prints the tables
