@@ -52,6 +52,8 @@ from shared.errors import RunError
 
 POLL_S = 1.0  # how often the relay looks for SuperNodes while it waits for them (as Flower's strategies)
 MESSAGES = "messages.jsonl"
+TIMEOUT_HINT = ("a SuperNode runs its messages one after another, each in a fresh process (seconds of start-up: "
+                "process_s in messages.jsonl), so round-timeout must exceed the nodes per SuperNode x that time")
 
 log = logging.getLogger("flwr")  # Flower's logger: its handler shows the ServerApp's lines in `flwr run --stream`
 
@@ -178,12 +180,13 @@ def relay_round(grid: Grid, run: FedRun, r: int, directory: Directory, timeout_s
     missing = sorted(set(messages) - set(updates) - set(errors))
     status.update(dict.fromkeys(missing, "timeout"))
     if missing:
-        log.warning("round %d: no reply within %.0f s from nodes %s", r + 1, timeout_s, _ranges(missing))
+        log.warning("round %d: no reply within %s=%.0f s from nodes %s (%s)", r + 1, ROUND_TIMEOUT_KEY, timeout_s,
+                    _ranges(missing), TIMEOUT_HINT)
     unserved = sorted(n for n, s in status.items() if s == "unserved")
     if unserved:
         log.warning("round %d: nodes %s have no connected SuperNode", r + 1, _ranges(unserved))
     if messages and not updates:  # a broken ClientApp, not bad luck: stop instead of "training" without updates
-        first = f"; node {min(errors)}: {errors[min(errors)]}" if errors else ""
+        first = f"; node {min(errors)}: {errors[min(errors)]}" if errors else f"; {TIMEOUT_HINT}"
         raise RunError(f"round {r + 1}: none of the {len(messages)} nodes returned an update{first}")
     failed = sorted(n for n, s in status.items() if s != "ok")
     record = run.finish_round(r, updates, failed=failed)

@@ -123,3 +123,20 @@ def kill_after_first_checkpoint(monkeypatch: pytest.MonkeyPatch, run: Callable[[
         m.setattr(run_module.FedRun, "_save_checkpoint", save_then_die)
         with pytest.raises(KeyboardInterrupt):
             run()
+
+
+def metric_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run folder's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_records(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
+    """Every non-timing field of every record equal (floats to 1e-6): two engines' runs of one config."""
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert set(g) == set(w)
+        for key in set(w) - set(TIMING):
+            if isinstance(w[key], float):
+                assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-6), (w.get("round"), key)
+            else:
+                assert g[key] == w[key], (w.get("round"), key)

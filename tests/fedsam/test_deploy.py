@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 import tomli  # flwr depends on it; tomllib is stdlib from Python 3.11 only
+from suite_fixtures import assert_same_records as assert_same
+from suite_fixtures import metric_records as records
 
 from fedsam.client import local_update
 from fedsam.config import FedConfig
@@ -25,25 +27,12 @@ from fedsam.messages import fed_config_from_run_config
 from fedsam.run import FedRun
 from shared.config import ConfigError
 
-TIMING = {"compute_s", "round_s", "time_s"}
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def small(tmp_path: Path, name: str, **kw: Any) -> FedConfig:
     return FedConfig(engine="flower", num_nodes=4, rounds=3, local_steps=2, partitioner="iid", out_dir=str(tmp_path),
                      name=name, resume=False, **kw)
-
-
-def records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> None:
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want):
-        assert set(g) == set(w)
-        for key in set(w) - TIMING:
-            assert g[key] == (pytest.approx(w[key], rel=1e-6, abs=1e-6) if isinstance(w[key], float) else w[key]), key
 
 
 def test_the_run_config_round_trips_and_is_valid_toml(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ from flwr.common.config import flatten_dict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+from suite_fixtures import assert_same_records as assert_same_metrics
+from suite_fixtures import metric_records as records
 
 from fedsam import client_app as client_module
 from fedsam import server_app as server_module
@@ -130,22 +132,6 @@ class LocalGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         raise NotImplementedError
-
-
-def records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_metrics(got: Sequence[dict[str, Any]], want: Sequence[dict[str, Any]]) -> None:
-    """Every non-timing field of every round equal (floats to 1e-6)."""
-    assert len(got) == len(want) > 0
-    for g, w in zip(got, want):
-        assert set(g) == set(w)
-        for key in set(w) - TIMING:
-            if isinstance(w[key], float):
-                assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-6), (w["round"], key)
-            else:
-                assert g[key] == w[key], (w["round"], key)
 
 
 def inprocess_records(tmp_path: Path, run_config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -518,3 +504,26 @@ def test_a_misconfigured_supernode_stops_the_run_at_the_start(tmp_path: Path, no
     with pytest.raises(RunError, match=match):
         server_module.app(grid=grid, context=Context(1, 0, {}, RecordDict(), run_config))
     assert grid.delivered == []  # no training started
+
+
+def test_a_round_timeout_below_the_cold_start_says_so(tmp_path: Path) -> None:
+    """Every reply missing (round-timeout shorter than a ClientApp's start-up) stops the run with a hint."""
+    cfg = fed_config_from_run_config({**small(), "out-dir": str(tmp_path)})
+    silent = [(i, 0) for i in range(NODES)]
+    with pytest.raises(RunError, match=r"none of the 4 nodes returned an update; a SuperNode runs its messages one "
+                                       r"after another.*round-timeout must exceed"):
+        build_server_app(cfg, timeout_s=1.0)(grid=LocalGrid(build_client_app(cfg), NODES, silent=silent),
+                                              context=Context(1, 0, {}, RecordDict(), {}))
+
+
+def test_the_fab_metadata_is_flowers_current_format() -> None:
+    """fab-format-version 1: a license file in the FAB, flwr in [project].dependencies with a lower
+    bound, a target version; what `flwr build` validates."""
+    from flwr.supercore.fab_format_version import normalize_and_validate_fab_format
+
+    config, _ = load_and_validate(ROOT / "pyproject.toml")
+    meta = normalize_and_validate_fab_format(config)
+    assert (meta.fab_format_version, meta.flwr_version_min) == (1, "1.26")
+    assert "LICENSE" in config["tool"]["flwr"]["app"]["fab-include"] and (ROOT / "LICENSE").is_file()
+    deps = " ".join(config["project"]["dependencies"])
+    assert "flwr>=" in deps and "flwr-datasets" in deps  # what a Flower-provisioned SuperNode installs
