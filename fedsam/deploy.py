@@ -100,7 +100,10 @@ class LocalDeployment:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{key}: expected a number of seconds > 0, got {value!r}")
         self.cfg, self.supernodes, self.echo = cfg, supernodes, echo
-        self.run_config = run_config_of(cfg, round_timeout=round_timeout, node_wait=node_wait)
+        # the ServerApp runs in the SuperLink's folder: relative paths would land there, so pass them absolute
+        paths = {"out_dir": str(Path(cfg.out_dir).resolve()),
+                 **({"data_dir": str(Path(cfg.data_dir).resolve())} if cfg.data_dir is not None else {})}
+        self.run_config = run_config_of(replace(cfg, **paths), round_timeout=round_timeout, node_wait=node_wait)
         check_declared(self.run_config, declared_keys())
         self.folder = Path(cfg.out_dir).resolve() / f".deploy-{cfg.name}"
         self.home = self.folder / "flwr_home"

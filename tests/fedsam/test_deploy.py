@@ -31,8 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def small(tmp_path: Path, name: str, **kw: Any) -> FedConfig:
-    return FedConfig(engine="flower", num_nodes=4, rounds=3, local_steps=2, partitioner="iid", out_dir=str(tmp_path),
-                     name=name, resume=False, **kw)
+    settings: dict[str, Any] = {"engine": "flower", "num_nodes": 4, "rounds": 3, "local_steps": 2, "partitioner": "iid",
+                                "out_dir": str(tmp_path), "name": name, "resume": False, **kw}
+    return FedConfig(**settings)
 
 
 def test_the_run_config_round_trips_and_is_valid_toml(tmp_path: Path) -> None:
@@ -93,10 +94,7 @@ def test_a_killed_supernodes_nodes_fail_and_the_run_goes_on(tmp_path: Path) -> N
         result: dict[str, Any] = {}
         waiter = threading.Thread(target=lambda: result.update(dep.wait(run_id)))
         waiter.start()
-        metrics = tmp_path / "killed" / "metrics.jsonl"
-        deadline = time.monotonic() + 300
-        while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_for_rounds(tmp_path / "killed", 1)
         dep.stop_process("supernode-1")
         waiter.join(timeout=600)
     assert result.get("status") == "finished:completed"
@@ -124,3 +122,36 @@ def test_a_failed_serverapp_exits_non_zero(tmp_path: Path) -> None:
     assert "ended finished:failed" in done.stderr and "diverged" in done.stderr, done.stderr
     superlink_log = (tmp_path / ".deploy-diverged" / "superlink.log").read_text()
     assert "127.0.0.1" in superlink_log and "0.0.0.0" not in superlink_log  # listens on loopback only
+
+
+def _wait_for_rounds(run_dir: Path, rounds: int, timeout_s: float = 300) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rounds:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{run_dir}: fewer than {rounds} rounds after {timeout_s} s")
+
+
+@pytest.mark.slow
+@needs_flower
+def test_a_deployment_stopped_mid_run_resumes_to_the_uninterrupted_metrics(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process is stopped once round 1 is recorded (as a crash of the whole deployment); a new
+    deployment of the same config (resume, relative out_dir) finishes the run with the metrics of
+    an uninterrupted in-process run."""
+    monkeypatch.chdir(tmp_path)  # out_dir="runs" is relative to here, not to the SuperLink's folder
+    cfg = small(Path("runs"), "resumed", resume=True)
+    with LocalDeployment(cfg, 2, round_timeout=120, node_wait=60) as dep:
+        dep.submit()
+        _wait_for_rounds(tmp_path / "runs" / "resumed", 1)
+    with LocalDeployment(cfg, 2, round_timeout=120, node_wait=60) as dep:
+        summary = dep.run()
+    assert summary["final"]["round"] == 3
+    got = records(tmp_path / "runs" / "resumed")
+    run_inprocess(small(tmp_path, "uninterrupted"), progress=False)
+    assert_same(got, records(tmp_path / "uninterrupted"))
+    rounds = [json.loads(line)["round"] for line in (tmp_path / "runs" / "resumed" / "messages.jsonl").read_text()
+              .splitlines()]
+    assert sorted(set(rounds)) == [1, 2, 3] and len(rounds) == 12  # the repeated round's lines are not doubled
