@@ -251,8 +251,6 @@ class LocalDeployment:
 def deploy(cfg: FedConfig, supernodes: int, *, round_timeout: float = 3600.0, node_wait: float = 120.0,
            echo: IO[str] | None = sys.stdout) -> dict[str, Any]:
     """`samsuite fed deploy`: run `cfg` on a fresh local deployment and stop it again."""
-    if cfg.device not in ("auto", "cpu"):
-        raise ConfigError(f"device: the local deployment runs its ClientApps on CPU; got device={cfg.device!r}")
     if cfg.engine != "flower":  # the run records the engine it ran on
         cfg = replace(cfg, engine="flower")
     with LocalDeployment(cfg, supernodes, round_timeout=round_timeout, node_wait=node_wait, echo=echo) as dep:
