@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from shared.registry import Registry
 from shared.sam.member import Member, split_member_state, with_member_state
+from shared.sam.shards import any_sharded, local, locals_, reduce_sum, sum_of_squares
 from shared.validate import check_nonnegative, check_positive
 
 BASE_OPTIMIZERS: Registry[type[Optimizer]] = Registry("base optimizer")
@@ -124,6 +125,11 @@ class SharpnessAware(Member, Optimizer):
 
     batchable: ClassVar[bool] = True
 
+    #: Whether the member works on sharded (DTensor) parameters: its element-wise work runs on the
+    #: local shards and its norms and inner products are all-reduced (`shared.sam.shards`).
+    #: Members with other whole-model work (a model copy, per-example state) say False.
+    shardable: ClassVar[bool] = True
+
     #: Whether e is unchanged when the gradients are multiplied by a loss scale (GradScaler): so for
     #: e = rho g / ||g||. A member whose e is not (SAGM's alpha g) reads `loss_scale`, which
     #: `sam_backward` sets from its scaler; the manual API sets it by hand before `first_step`.
@@ -154,6 +160,7 @@ class SharpnessAware(Member, Optimizer):
         self.loss_scale = 1.0  # the factor on the gradients that first_step sees (GradScaler's scale)
         self._member_defaults = {"rho": rho, "adaptive": adaptive, "eta": eta, "perturb": True}
         super().__init__(params, dict(self._member_defaults))
+        self._check_shardable([p for group in self.param_groups for p in group["params"]])
         self.base_optimizer = wrap_base(self, base_optimizer, base_kwargs)
         self._plan: _Plan | None = None  # set while the weights are perturbed
         self._unperturbed: list[Tensor] | None = None  # w's own tensors while w + e lives in the gradients' ones
@@ -171,6 +178,11 @@ class SharpnessAware(Member, Optimizer):
             for key, value in self._member_defaults.items():
                 param_group.setdefault(key, value)
             self.base_optimizer.add_param_group(param_group)
+
+    def _check_shardable(self, params: list[Tensor]) -> None:
+        if not type(self).shardable and any_sharded(params):
+            raise ValueError(f"{type(self).__name__} does not support sharded (DTensor, e.g. FSDP2) parameters; "
+                             "the members that do: sam, asam, gsam, sagm (and the plain base optimizers)")
 
     def _check_group(self, group: dict[str, Any], index: int) -> None:
         check_positive(f"param_groups[{index}].rho", group["rho"])
@@ -229,6 +241,7 @@ class SharpnessAware(Member, Optimizer):
                 shapes = sorted({tuple(p.shape) for p in params})
                 raise ValueError(f"replicas: expected every perturbed parameter to stack {self.replicas} replicas "
                                  f"along its first dimension, got shapes {shapes[:4]}")
+            self._check_shardable(params)  # (a group added after construction)
             plan.groups.append(group)
             plan.params.append(params)
         return plan
@@ -243,10 +256,10 @@ class SharpnessAware(Member, Optimizer):
             warnings.warn("first_step(): no perturbed parameter has a gradient; nothing is perturbed", stacklevel=2)
         else:  # (foreach ops reject empty lists)
             if zero_grad:  # compute e inside the gradients, which are zeroed afterwards anyway
-                work = [[p.grad for p in params] for params in plan.params]
+                work = [[local(p.grad) for p in params] for params in plan.params]
             else:
                 work = self._plan_buffers(plan, "e")
-                torch._foreach_copy_(plan.flat(work), [p.grad for p in plan.flat(plan.params)])
+                torch._foreach_copy_(plan.flat(work), [local(p.grad) for p in plan.flat(plan.params)])
             self._before_perturb(plan, work)
             self._perturbation_(plan, work)
             flat_params, flat_work = plan.flat(plan.params), plan.flat(work)
@@ -255,9 +268,9 @@ class SharpnessAware(Member, Optimizer):
                 self._unperturbed = [p.data for p in flat_params]
                 for p, perturbed in zip(flat_params, flat_work):  # ... and become the weights
                     p.data = perturbed
-            else:
-                torch._foreach_copy_(plan.flat(self._plan_buffers(plan, "backup")), flat_params)
-                torch._foreach_add_(flat_params, flat_work)
+            else:  # (sharded parameters always: FSDP2 gathers from the shards' own storage)
+                torch._foreach_copy_(plan.flat(self._plan_buffers(plan, "backup")), locals_(flat_params))
+                torch._foreach_add_(locals_(flat_params), flat_work)
         if zero_grad:  # to None: the second backward then writes fresh gradients instead of adding to zeros
             self.zero_grad()
         self._plan = plan
@@ -269,11 +282,11 @@ class SharpnessAware(Member, Optimizer):
         temps = self._plan_buffers(plan, "backup") if any(adaptive) else [[] for _ in plan.groups]
         for is_adaptive, params, t, g, group in zip(adaptive, plan.params, temps, work, plan.groups):
             if is_adaptive:  # the backup buffer holds T until the weights are backed up
-                torch._foreach_copy_(t, params)
+                torch._foreach_copy_(t, locals_(params))
                 torch._foreach_abs_(t)
                 torch._foreach_add_(t, group["eta"])
                 torch._foreach_mul_(g, t)
-        scale = self.eps + global_norm(plan.flat(work), self.replicas)
+        scale = self.eps + global_norm(plan.flat(work), self.replicas, like=plan.flat(plan.params))
         for is_adaptive, t, g, group in zip(adaptive, temps, work, plan.groups):
             if is_adaptive:
                 torch._foreach_mul_(g, t)
@@ -293,7 +306,7 @@ class SharpnessAware(Member, Optimizer):
                     p.data = w
                 self._unperturbed = None
             else:
-                torch._foreach_copy_(params, self._plan.flat(self._plan_buffers(self._plan, "backup")))
+                torch._foreach_copy_(locals_(params), self._plan.flat(self._plan_buffers(self._plan, "backup")))
         self._plan = None
         self._restored = True
 
@@ -374,12 +387,13 @@ class SharpnessAware(Member, Optimizer):
         return False
 
     def _buffers(self, params: list[Tensor], key: str) -> list[Tensor]:
-        """Per-parameter buffers named `key`, allocated on first use and reused after."""
+        """Per-parameter buffers named `key` (of a sharded parameter: of its local shard),
+        allocated on first use and reused after."""
         out = []
         for p in params:
             state = self.state[p]
             if key not in state:
-                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[key] = torch.zeros_like(local(p), memory_format=torch.preserve_format)
             out.append(state[key])
         return out
 
@@ -392,7 +406,7 @@ class SharpnessAware(Member, Optimizer):
     def grads_with_buffers(self, key: str) -> tuple[list[Tensor], list[Tensor]]:
         """All gradients (every group) with a same-shaped buffer each: m-sharpness accumulates here."""
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        return [p.grad for p in params], self._buffers(params, key)
+        return [local(p.grad) for p in params], self._buffers(params, key)
 
     @property
     def is_perturbed(self) -> bool:
@@ -406,22 +420,32 @@ def _owns_storage(t: Tensor) -> bool:
     return type(t) is Tensor and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
-def global_norm(tensors: list[Tensor], replicas: int | None = None) -> Tensor:
+def global_norm(tensors: list[Tensor], replicas: int | None = None, like: list[Tensor] | None = None) -> Tensor:
     """||concat(tensors)||_2 in float32 or wider, whatever the tensors' dtypes; with `replicas`, the
-    norm of each replica's row (shape (replicas,)) over tensors that stack them along dim 0."""
+    norm of each replica's row (shape (replicas,)) over tensors that stack them along dim 0.
+    `like`: the parameters the (local) tensors belong to; where they are sharded, the norm is
+    that of the whole tensors, all-reduced over the shards (`shared.sam.shards`)."""
     if not tensors:
         return torch.zeros(() if replicas is None else (replicas,))
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    if like is not None and any_sharded(like):
+        _no_replicas_of_shards(replicas)
+        return reduce_sum(like, lambda index: sum_of_squares([tensors[i] for i in index], dtype)).sqrt()
     if replicas is not None:
         rows = [torch.linalg.vector_norm(t.reshape(replicas, -1), dim=1, dtype=dtype) for t in tensors]
         return torch.linalg.vector_norm(torch.stack(rows), dim=0)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)))
 
 
-def global_dot(a: list[Tensor], b: list[Tensor], replicas: int | None = None) -> Tensor:
+def global_dot(a: list[Tensor], b: list[Tensor], replicas: int | None = None, like: list[Tensor] | None = None
+               ) -> Tensor:
     """<concat(a), concat(b)> without concatenating (one small tensor per pair); with `replicas`,
-    one inner product per replica's row (shape (replicas,))."""
+    one inner product per replica's row (shape (replicas,)); `like` as for `global_norm`."""
     dtype = torch.promote_types(a[0].dtype, torch.float32)
+    if like is not None and any_sharded(like):
+        _no_replicas_of_shards(replicas)
+        return reduce_sum(like, lambda index: torch.stack(
+            [torch.vdot(a[i].reshape(-1), b[i].reshape(-1)).to(dtype) for i in index]).sum())
     if replicas is not None:
         rows = [torch.linalg.vecdot(x.reshape(replicas, -1), y.reshape(replicas, -1)).to(dtype) for x, y in zip(a, b)]
         return torch.stack(rows).sum(0)
@@ -435,3 +459,8 @@ def mul_rows_(tensors: list[Tensor], factor: Tensor | float) -> None:
         torch._foreach_mul_(tensors, [factor.view(-1, *(1,) * (t.dim() - 1)) for t in tensors])
     else:
         torch._foreach_mul_(tensors, factor)
+
+
+def _no_replicas_of_shards(replicas: int | None) -> None:
+    if replicas is not None:
+        raise ValueError("replicas: stacked replicas of sharded (DTensor) parameters are not supported")

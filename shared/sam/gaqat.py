@@ -46,6 +46,7 @@ class GAQAT(SAGM):
     (>= 1 steps) and the `threshold` (in [0, 1]) below which a step size's task gradient is frozen."""
 
     batchable: ClassVar[bool] = False  # the step sizes' sign histories are kept for one model
+    shardable: ClassVar[bool] = False  # the step sizes' gradient is reshaped as the whole tensor
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from shared.sam.base import BaseOptimizerSpec, SharpnessAware, _Plan, global_dot, global_norm, mul_rows_
+from shared.sam.shards import local, locals_
 from shared.validate import check_nonnegative
 
 
@@ -78,8 +79,10 @@ class GSAM(SharpnessAware):
         if any(g is None for g in gp):
             raise RuntimeError("GSAM: a perturbed parameter has no gradient at w + e")
         # d = g_p (1 + alpha <g, g_p> / ||g_p||^2) - alpha g, group by group (alpha may differ)
-        ratio = global_dot(g0, gp, self.replicas) / (global_norm(gp, self.replicas) ** 2 + self.eps)
+        like = plan.flat(plan.params)  # sharded parameters: the dot and norm over all shards
+        gp = locals_(gp)
+        ratio = global_dot(g0, gp, self.replicas, like) / (global_norm(gp, self.replicas, like) ** 2 + self.eps)
         for group, params, g0_group in zip(plan.groups, plan.params, self._g0):
-            grads = [p.grad for p in params]
+            grads = [local(p.grad) for p in params]
             mul_rows_(grads, 1.0 + group["alpha"] * ratio)
             torch._foreach_add_(grads, g0_group, alpha=-group["alpha"])

@@ -11,7 +11,7 @@ with p and a treated as constants. The descent step uses the ordinary training l
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,8 @@ class OBF(SharpnessAware):
     `sam_backward` driver does this when given the logits). Reference defaults: gamma 1 (ViT;
     its ResNet scripts use 1e-12), C = number of classes, sigmoid predictions, rho 0.04 with
     m = 64 on ImageNet."""
+
+    shardable: ClassVar[bool] = False  # not tested on sharded parameters yet
 
     def __init__(
         self,

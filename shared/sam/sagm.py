@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from shared.sam.base import BaseOptimizerSpec, SharpnessAware, _Plan, global_norm, mul_rows_
+from shared.sam.shards import locals_
 from shared.validate import check_nonnegative
 
 
@@ -54,7 +55,7 @@ class SAGM(SharpnessAware):
     def _perturbation_(self, plan: _Plan, work: list[list[Tensor]]) -> None:
         """work <- e = (rho / ||g|| - alpha) g, in place (the norm over every perturbed group); the
         gradients may carry a loss scale S, which rho g / ||g|| ignores and alpha g must divide out."""
-        scale = self.eps + global_norm(plan.flat(work), self.replicas)
+        scale = self.eps + global_norm(plan.flat(work), self.replicas, like=plan.flat(plan.params))
         for group, g in zip(plan.groups, work):
             mul_rows_(g, self._rho(group) / scale - self.alpha / self.loss_scale)
 
@@ -64,5 +65,6 @@ class SAGM(SharpnessAware):
             return
         if any(g is None for g in grads):
             raise RuntimeError("SAGM: a perturbed parameter has no gradient at w + e")
+        grads = locals_(grads)
         torch._foreach_add_(grads, plan.flat(self._g0))  # d = (g_p + g) / 2
         torch._foreach_mul_(grads, 0.5)

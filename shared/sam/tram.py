@@ -54,6 +54,7 @@ class TRAM(SharpnessAware):
 
     driver_only: ClassVar[bool] = True
     batchable: ClassVar[bool] = False  # the trust-region radius comes from one model's output divergence
+    shardable: ClassVar[bool] = False  # its target model is a whole copy of the model
     passes: ClassVar[tuple[int, int]] = (2, 1)
     default_target: ClassVar[str] = "prev"
 

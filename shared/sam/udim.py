@@ -130,6 +130,7 @@ class UDIM(SAM):
 
     driver_only: ClassVar[bool] = True
     batchable: ClassVar[bool] = False  # the per-example head gradients are taken on one model
+    shardable: ClassVar[bool] = False  # the per-example head gradients need the whole head
 
     def __init__(
         self,
