@@ -76,3 +76,14 @@ def reduce_sum(like: Sequence[Tensor], partial: Callable[[list[int]], Tensor]) -
 def sum_of_squares(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
     """sum of t^2 over local tensors, in `dtype` (the partial sum of a global norm)."""
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square().sum()
+
+
+def shard_like(full: Tensor, p: Tensor) -> Tensor:
+    """This rank's part of `full` (a tensor of `p`'s global shape) as `p` is sharded: what
+    `local(p)` holds of it. Every rank passes the same `full` (e.g. noise from a generator seeded
+    alike), so the part is cut locally, without communication; for a plain `p`, `full` itself."""
+    if not is_sharded(p):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()

@@ -20,6 +20,7 @@ from torch import nn
 
 from shared import Batch, build_optimizer, member_backward
 from shared.sam.base import global_dot, global_norm
+from shared.sam.shards import shard_like
 
 WORLD = 2
 STEPS = 3
@@ -82,6 +83,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
               distribute_tensor(full[2], mesh, [Replicate()])]
     local = [s.to_local() for s in shards]
     local_other = [distribute_tensor(o, mesh, s.placements).to_local() for o, s in zip(other, shards)]
+    results["shard_like"] = [bool(torch.equal(shard_like(f, s), s.to_local())) for f, s in zip(full, shards)]
     results["norm"] = global_norm(local, like=shards)
     results["dot"] = global_dot(local, local_other, like=shards)
     # members that keep whole-model state refuse sharded parameters with a clear message
@@ -127,3 +129,8 @@ def test_a_shard_norm_is_the_whole_tensors_norm(sharded: dict[str, Any]) -> None
 
 def test_members_with_whole_model_state_refuse_shards(sharded: dict[str, Any]) -> None:
     assert sharded["tram"].startswith("TRAMInit does not support sharded (DTensor, e.g. FSDP2) parameters")
+
+
+def test_a_full_tensor_is_cut_as_the_parameter_is_sharded(sharded: dict[str, Any]) -> None:
+    """RS's noise: each rank draws the whole tensor and keeps its own shard (even, uneven, replicated)."""
+    assert sharded["shard_like"] == [True, True, True]
