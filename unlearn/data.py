@@ -64,9 +64,12 @@ def collate(data: dict[str, Tensor], indices: Sequence[int] | Tensor) -> LMBatch
     return make_micro_batches(data, indices, 1)[0]
 
 
-def make_micro_batches(data: dict[str, Tensor], indices: Sequence[int] | Tensor, k: int) -> list[LMBatch]:
+def make_micro_batches(data: dict[str, Tensor], indices: Sequence[int] | Tensor, k: int, rank: int = 0,
+                       world_size: int = 1) -> list[LMBatch]:
     """Split the step's rows `indices` into `k` micro-batches of near-equal size, each trimmed to
-    its longest sequence, with denominators taken over the whole step."""
+    its longest sequence, with denominators taken over the whole step. On `world_size` processes,
+    each micro-batch keeps only rank `rank`'s slice of its rows (the denominators stay the whole
+    step's, so the ranks' losses sum to the one-process loss)."""
     index = torch.as_tensor(indices, dtype=torch.long)
     if not 1 <= k <= len(index):
         raise ValueError(f"grad_accum: expected 1 <= micro-batches <= rows in the step ({len(index)}), got {k}")
@@ -79,6 +82,7 @@ def make_micro_batches(data: dict[str, Tensor], indices: Sequence[int] | Tensor,
     }
     out = []
     for part in index.tensor_split(k):
+        part = part.tensor_split(world_size)[rank]
         width = int(data["attention_mask"][part].sum(1).max())
         out.append(LMBatch(
             input_ids=data["input_ids"][part, :width],

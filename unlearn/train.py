@@ -29,8 +29,20 @@ from shared.errors import Diverged
 from shared.registry import Registry
 from shared.runio import RunDir, environment
 from shared.sam import BASE_OPTIMIZERS
+from shared.sam.shards import local, shard_like
 from shared.seeding import derive_seed, seed_everything
 from unlearn.data import make_micro_batches, tokenize_texts
+from unlearn.distributed import (
+    World,
+    broadcast,
+    check_world,
+    device_of,
+    full,
+    gather,
+    scatter_optimizer_state,
+    shard_model,
+    world,
+)
 from unlearn.objectives import OBJECTIVES, Objective, ObjectiveContext, SetupData
 from unlearn.smoothers import SMOOTHERS, Smoother, StepTerms
 
@@ -164,16 +176,19 @@ def unlearn(
     _check_inputs(model, forget, retain, cfg, use_retain)
     if not use_retain:
         retain = None
+    w = world()
+    check_world(cfg, w)
+    _check_world_inputs(forget, retain, ref_model, w)
 
     seed_everything(cfg.seed)
-    device = next(model.parameters()).device
+    device = device_of(model)
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     forget_data = tokenize_texts(tokenizer, forget, cfg.max_length)
     retain_data = tokenize_texts(tokenizer, retain, cfg.max_length) if retain is not None else None
     if not (forget_data["labels"][:, 1:] != -100).any():
         raise ValueError("forget: every text is a single token; there is nothing to predict")
     ctx = ObjectiveContext(cfg, autocast=autocast)
-    if objective.setup is not None:  # before any change to the model: it is the reference
+    if objective.setup is not None and w.size == 1:  # before any change to the model: it is the reference
         objective.setup(model, ctx, SetupData(forget_data, retain_data, ref_model))
 
     per_step = cfg.batch_size * cfg.grad_accum
@@ -183,8 +198,12 @@ def unlearn(
 
     state = _Prepared.make(model, objective, cfg)
     try:
+        if w.size > 1:  # shard what is trained (LoRA-wrapped or not), then the reference values through it
+            state.sharded(w, cfg.bf16)
+            if objective.setup is not None:
+                objective.setup(state.model, ctx, SetupData(forget_data, retain_data, None))
         summary = _train(state, cfg, objective, ctx, forget_data, retain_data, total, run_dir, eval_fn,
-                         _fingerprint(forget, retain))
+                         _fingerprint(forget, retain), w)
     except BaseException:
         state.restore(merge=False)
         raise
@@ -213,6 +232,19 @@ def _check_inputs(
                 )
 
 
+def _check_world_inputs(forget: list[str], retain: list[str] | None, ref_model: nn.Module | None, w: World) -> None:
+    """What `w.size` processes cannot split or share, before any work."""
+    if w.size == 1:
+        return
+    for name, texts in (("forget", forget), ("retain", retain)):
+        if texts is not None and len(texts) < w.size:
+            raise ConfigError(f"{name}: {len(texts)} texts cannot be split over {w.size} processes; use at most "
+                              f"{len(texts)} processes (--nproc)")
+    if ref_model is not None:
+        raise ConfigError("ref_model: a separate reference model is not sharded; on several processes the "
+                          "reference is the model before its first step (leave ref_model unset)")
+
+
 def _fingerprint(forget: list[str], retain: list[str] | None) -> str:
     """A hash of the texts: a checkpoint is only resumed on the data it was trained on."""
     digest = hashlib.sha256()
@@ -233,10 +265,12 @@ class _Prepared:
     flags: list[tuple[nn.Parameter, bool]]
     use_cache: Any
     checkpointing: bool
+    flag_names: list[str] = field(default_factory=list)  # the names of `flags`' parameters in the caller's model
 
     @classmethod
     def make(cls, model: nn.Module, objective: Objective, cfg: UnlearnConfig) -> _Prepared:
         flags = [(p, p.requires_grad) for p in model.parameters()]
+        flag_names = [n for n, _ in model.named_parameters()]
         config = getattr(model, "config", None)
         use_cache = getattr(config, "use_cache", None)
         trained = model
@@ -252,7 +286,7 @@ class _Prepared:
                 p.requires_grad_(objective.trainable(n, cfg))
             named = [(n, p) for n, p in named if p.requires_grad]
         prepared = cls(trained, model, [p for _, p in named], [n for n, _ in named], flags, use_cache,
-                       cfg.gradient_checkpointing)
+                       cfg.gradient_checkpointing, flag_names)
         if not named:
             prepared.restore(merge=False)
             raise ValueError(f"objective '{cfg.objective}': no parameter is left to train (check rmu_update_layers, "
@@ -262,6 +296,17 @@ class _Prepared:
         if cfg.gradient_checkpointing:
             _checkpointing(model, True)
         return prepared
+
+    def sharded(self, w: World, bf16: bool) -> None:
+        """Shard the trained model over `w` (FSDP2 puts new DTensor parameters in place of the old
+        ones): the trained list, and the flags to restore, then name the new parameters."""
+        before = {n: flag for n, (_, flag) in zip(self.flag_names, self.flags)}
+        shard_model(self.model, w, bf16=bf16)
+        trained = set(self.names)
+        named = [(n, p) for n, p in self.model.named_parameters() if n in trained]
+        self.params, self.names = [p for _, p in named], [n for n, _ in named]
+        renamed = ((n.replace(".base_layer", ""), p) for n, p in self.base.named_parameters())  # peft's wrapping
+        self.flags = [(p, before[n]) for n, p in renamed if n in before]
 
     def restore(self, merge: bool) -> None:
         if self.checkpointing:
@@ -296,12 +341,12 @@ def _stream(n: int, start: int, count: int, seed: int, key: str) -> list[int]:
 def _train(
     state: _Prepared, cfg: UnlearnConfig, objective: Objective, ctx: ObjectiveContext,
     forget_data: dict[str, Tensor], retain_data: dict[str, Tensor] | None, total: int,
-    run_dir: str | Path | None, eval_fn: EvalFn | None, fingerprint: str,
+    run_dir: str | Path | None, eval_fn: EvalFn | None, fingerprint: str, w: World,
 ) -> dict[str, Any]:
     from transformers import get_scheduler
 
     model, params = state.model, state.params
-    device = params[0].device
+    device = device_of(model)
     smoother, opt = cfg.make_optimizer(params)
     schedule = "constant_with_warmup" if cfg.schedule == "constant" and cfg.warmup_steps else cfg.schedule
     sched = get_scheduler(schedule, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
@@ -310,8 +355,10 @@ def _train(
         retain=(lambda pair: _under(ctx, objective.retain, model, pair[1])) if retain_data is not None else None,
         gamma=cfg.gamma,
     )
-    config = to_dict(cfg)
-    run = RunDir(run_dir) if run_dir is not None else None
+    # batch_size is per process: the run is the one-process run with batch_size x processes, which is
+    # what its folder records (and what a resume on any number of processes is checked against)
+    config = {**to_dict(cfg), "batch_size": cfg.batch_size * w.size}
+    run = RunDir(run_dir) if run_dir is not None and w.main else None  # rank 0 alone writes the run folder
     history: list[dict[str, Any]] = []
     start, last_saved = 0, None
 
@@ -322,11 +369,12 @@ def _train(
 
     def checkpoint(step: int) -> None:
         nonlocal last_saved
-        trainable = {n: p for n, p in zip(state.names, params)}
-        run.save_checkpoint({
-            "step": step, "config": config, "data": fingerprint, "trainable": trainable,
-            "opt": opt.state_dict(), "sched": sched.state_dict(), "smoother": smoother.state_dict(),
-        })
+        # whole tensors (gathered from the shards by every rank), so that K processes resume on K'
+        trainable = {n: full(p) for n, p in zip(state.names, params)}
+        saved = {"step": step, "config": config, "data": fingerprint, "trainable": trainable,
+                 "opt": gather(opt.state_dict()), "sched": sched.state_dict(), "smoother": smoother.state_dict()}
+        if run is not None:
+            run.save_checkpoint(saved)
         last_saved = step
 
     def evaluate(step: int) -> None:
@@ -340,41 +388,44 @@ def _train(
             raise ConfigError(f"{run.path}: holds a run with another config or other data; use another run "
                               "folder or set resume=false")
 
-    if run is not None:
-        saved = run.load_checkpoint(check=check) if cfg.resume else None
+    if run_dir is not None:
+        saved = run.load_checkpoint(check=check) if run is not None and cfg.resume else None
+        saved = broadcast(saved, w)  # rank 0 reads the run folder; every rank resumes from what it read
         if saved is not None:
             with torch.no_grad():
                 for p, name in zip(params, state.names):
-                    p.copy_(saved["trainable"][name])
-            opt.load_state_dict(saved["opt"])
+                    local(p).copy_(shard_like(saved["trainable"][name], p))
+            opt.load_state_dict(scatter_optimizer_state(saved["opt"], params))
             sched.load_state_dict(saved["sched"])
             smoother.load_state_dict(saved["smoother"])
             start = last_saved = saved["step"]
-            history = run.metrics()
-        else:
+            history = run.metrics() if run is not None else []
+        elif run is not None:
             run.truncate_metrics(0)
             run.remove_checkpoint()
-        run.write_config(config)
+        if run is not None:
+            run.write_config(config)
 
     model.train()
     if eval_fn is not None and start == 0:
         evaluate(0)
     n_forget, n_retain = len(forget_data["input_ids"]), (len(retain_data["input_ids"]) if retain_data else 0)
-    per_step = cfg.batch_size * cfg.grad_accum
-    progress = tqdm(total=total, initial=start, desc=f"{cfg.objective}+{cfg.smoother}", unit="step")
+    per_step = cfg.batch_size * cfg.grad_accum * w.size  # each rank takes batch_size rows of every micro-batch
+    progress = tqdm(total=total, initial=start, desc=f"{cfg.objective}+{cfg.smoother}", unit="step", disable=not w.main)
     t_start, step_times = time.perf_counter(), []
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
         f_rows = _stream(n_forget, (step - 1) * per_step, per_step, cfg.seed, "forget")
-        pairs = [(b.to(device), None) for b in make_micro_batches(forget_data, f_rows, cfg.grad_accum)]
+        pairs = [(b.to(device), None) for b in make_micro_batches(forget_data, f_rows, cfg.grad_accum, w.rank, w.size)]
         if retain_data is not None:
             r_rows = _stream(n_retain, (step - 1) * per_step, per_step, cfg.seed, "retain")
-            r_parts = make_micro_batches(retain_data, r_rows, cfg.grad_accum)
+            r_parts = make_micro_batches(retain_data, r_rows, cfg.grad_accum, w.rank, w.size)
             pairs = [(f, r.to(device)) for (f, _), r in zip(pairs, r_parts)]
-        losses = {k: v.item() for k, v in smoother.backward(opt, pairs, terms, step).items()}
+        # each rank's losses are its share of the step's (the whole step's denominators): summed over ranks
+        losses = {k: w.all_sum(v.detach().clone()).item() for k, v in smoother.backward(opt, pairs, terms, step).items()}
         losses["loss"] = losses["forget_loss"] + cfg.gamma * losses.get("retain_loss", 0.0)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(params, max_norm)).item()
         if not (math.isfinite(losses["loss"]) and abs(losses["loss"]) <= cfg.max_loss and math.isfinite(grad_norm)):
             progress.close()
             path = run.path / "checkpoint.safetensors" if (run is not None and last_saved is not None) else None
@@ -393,7 +444,7 @@ def _train(
             smoother.finish()  # weight averaging swaps in the average: what is evaluated and saved
         if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
             evaluate(step)
-        if run is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
+        if run_dir is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
             checkpoint(step)
     progress.close()
 

@@ -87,3 +87,11 @@ def shard_like(full: Tensor, p: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def whole(part: Tensor, p: Tensor) -> Tensor:
+    """The whole tensor of which `part` is this rank's shard, sharded as `p` (a collective: every
+    rank calls it); `part` itself for a plain `p`. The inverse of `shard_like`."""
+    if not is_sharded(p):
+        return part
+    return DTensor.from_local(part, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()

@@ -109,14 +109,26 @@ def per_sample(
     ctx: ObjectiveContext,
 ) -> Iterator[tuple[LMBatch, Tensor]]:
     """`fn(model, batch)` over `data` in eval mode (no dropout) under the training autocast, batch by
-    batch: (batch, detached result). Used by `setup`s to cache values computed once."""
-    device = next(model.parameters()).device
+    batch: (batch, detached result). Used by `setup`s to cache values computed once.
+
+    On several processes (a sharded model) each rank computes its own slice of the rows, in the
+    same number of forward passes as every other rank (a shorter slice repeats its last batch:
+    FSDP's collectives pair up pass by pass); the caller sums its cache over the ranks
+    (`unlearn.distributed.World.all_sum`: each row is filled by one rank, zero elsewhere)."""
+    from unlearn.distributed import device_of, world
+
+    w = world()
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:
-        n = len(data["input_ids"])
-        for start in range(0, n, batch_size):
-            batch = collate(data, range(start, min(start + batch_size, n))).to(device)
+        rows = torch.arange(len(data["input_ids"])).tensor_split(w.size)
+        mine, longest = rows[w.rank], max(len(r) for r in rows)
+        starts = list(range(0, len(mine), batch_size))
+        passes = -(-longest // batch_size)
+        for i in range(passes):
+            start = starts[min(i, len(starts) - 1)]
+            batch = collate(data, mine[start:start + batch_size]).to(device)
             with ctx.autocast():
                 yield batch, fn(model, batch).detach()
     finally:

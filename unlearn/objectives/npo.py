@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unlearn.data import LMBatch
+from unlearn.distributed import world
 from unlearn.objectives.base import (
     OBJECTIVES,
     Objective,
@@ -35,7 +36,7 @@ def setup(model: nn.Module, ctx: ObjectiveContext, data: SetupData) -> None:
     values = torch.empty(len(data.forget["input_ids"]), dtype=torch.float64)
     for batch, logp in per_sample(ref, data.forget, sequence_logprob, ctx.cfg.batch_size, ctx):
         values[batch.index] = logp.double().cpu()
-    ctx.cache[REF_KEY] = values
+    ctx.cache[REF_KEY] = world().all_sum(values)  # each rank computed its share of the rows
 
 
 def npo_loss(model: nn.Module, batch: LMBatch, ctx: ObjectiveContext) -> Tensor:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from shared.seeding import derive_seed
 from unlearn.data import LMBatch
+from unlearn.distributed import world
 from unlearn.objectives.base import OBJECTIVES, Objective, ObjectiveContext, SetupData, per_sample
 
 CONTROL_KEY, FROZEN_KEY = "rmu_control", "rmu_frozen"
@@ -98,7 +99,7 @@ def setup(model: nn.Module, ctx: ObjectiveContext, data: SetupData) -> None:
         if cached is None:
             cached = torch.zeros(rows, width, h.shape[-1], dtype=h.dtype)
         cached[batch.index, : h.shape[1]] = h.cpu()
-    ctx.cache[FROZEN_KEY] = cached
+    ctx.cache[FROZEN_KEY] = world().all_sum(cached)  # each rank computed its share of the rows
 
 
 def forget_loss(model: nn.Module, batch: LMBatch, ctx: ObjectiveContext) -> Tensor:

@@ -1,5 +1,6 @@
 """Weight averaging (Fan et al. 2025): a running mean of the weights taken every `wa_every`
-steps from step `wa_start` on, swapped in after the last step (kept in float32 or wider)."""
+steps from step `wa_start` on, swapped in after the last step (kept in float32 or wider; of
+sharded parameters, per local shard)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shared.sam.shards import local, locals_, shard_like, whole
 from unlearn.smoothers.base import SMOOTHERS, Smoother
 
 
@@ -23,17 +25,23 @@ class WeightAveraging(Smoother):
             return
         self.count += 1
         if self.avg is None:
-            self.avg = [p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in self.params]
+            self.avg = [local(p).detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in self.params]
         else:  # avg += (w - avg) / count
-            torch._foreach_lerp_(self.avg, [p.to(a.dtype) for p, a in zip(self.params, self.avg)], 1 / self.count)
+            torch._foreach_lerp_(self.avg, [local(p).to(a.dtype) for p, a in zip(self.params, self.avg)],
+                                 1 / self.count)
 
     @torch.no_grad()
     def finish(self) -> None:
         # `unlearn` checks before training that at least one average is taken (steps >= wa_start)
-        torch._foreach_copy_(self.params, self.avg)
+        torch._foreach_copy_(locals_(self.params), self.avg)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"avg": self.avg, "count": self.count}
+        """Whole tensors (gathered where the parameters are sharded), so a checkpoint resumes on
+        any number of processes."""
+        avg = None if self.avg is None else [whole(a, p) for a, p in zip(self.avg, self.params)]
+        return {"avg": avg, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.avg, self.count = state["avg"], state["count"]
+        avg = state["avg"]
+        self.avg = None if avg is None else [shard_like(a, p) for a, p in zip(avg, self.params)]
+        self.count = state["count"]

@@ -1,0 +1,136 @@
+"""Unlearning on 2 processes (gloo, CPU, FSDP2) gives the numbers of 1 process with twice the
+micro-batch: the same losses at every step and the same weights (float64, to float tolerance),
+for NPO, NPO+SAM, NPO+RS, NPO+WA, RMU and plain fine-tuning (the relearning attack's loop); a
+checkpoint written by 2 processes resumes on 1; what 2 processes cannot run is refused early.
+
+Slow, and NOT yet reliable (issue 13 is open): NPO, RMU and fine-tuning matched in every run so
+far, but NPO+SAM, NPO+RS and NPO+WA, the smoothers that write into the FSDP2 shards between
+backward passes, match in most runs and differ in some (by 1e-5 to 3e-2), depending on timing.
+The same SAM arithmetic on an FSDP2 MLP (tests/shared/test_sam_shards.py) is stable."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from train_fixtures import FORGET, RETAIN, tiny_llama, tiny_tokenizer
+
+from shared.config import ConfigError
+from unlearn.train import UnlearnConfig, unlearn
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+BASE = {"steps": 3, "lr": 1e-2, "batch_size": 1, "grad_accum": 2, "rho": 0.05, "max_length": 64}
+RUNS: dict[str, dict[str, Any]] = {
+    "npo": {"objective": "npo"},
+    "npo-sam": {"objective": "npo", "smoother": "sam"},
+    "npo-rs": {"objective": "npo", "smoother": "rs", "sigma": 1e-3, "rs_samples": 2},
+    "npo-wa": {"objective": "npo", "smoother": "wa", "wa_start": 1, "wa_every": 1},
+    "rmu": {"objective": "rmu", "rmu_layer": 1, "rmu_update_layers": [0, 1], "lr": 1e-3},
+    "nll": {"objective": "nll"},
+}
+
+
+def config(name: str, world: int, **kw: Any) -> UnlearnConfig:
+    """The run `name` for `world` processes: the per-rank micro-batch is 2 / world rows."""
+    settings = {**BASE, **RUNS[name], **kw}
+    settings["batch_size"] = settings["batch_size"] * WORLD // world
+    return UnlearnConfig(**settings)
+
+
+class Stop(Exception):
+    """Ends a run as a crash would, after its step-2 checkpoint."""
+
+
+def stop_at_3(model: Any, step: int) -> dict[str, float]:
+    if step == 3:
+        raise Stop
+    return {"evaluated": float(step)}
+
+
+def evaluated(model: Any, step: int) -> dict[str, float]:
+    return {"evaluated": float(step)}
+
+
+def train(name: str, world: int, run_dir: Path | None = None, eval_fn: Any = None, **kw: Any
+          ) -> tuple[dict[str, torch.Tensor], Any]:
+    tok = tiny_tokenizer()
+    model = tiny_llama(tok)
+    summary = unlearn(model, tok, FORGET, RETAIN, config(name, world, **kw), run_dir=run_dir, eval_fn=eval_fn)
+    from unlearn.distributed import full
+
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}, summary
+
+
+def _worker(rank: int, init_file: str, out: str, run_root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {}
+    for name in RUNS:
+        params, summary = train(name, WORLD, Path(run_root) / name)
+        results[name] = {"params": params, "final": summary["final"]}
+    # a checkpoint of 2 processes, resumed on 1 (below): the run stops after its step-2 checkpoint
+    try:
+        train("npo-sam", WORLD, Path(run_root) / "resume", eval_fn=stop_at_3, save_every=1, eval_every=1)
+    except Stop:
+        pass
+    try:
+        train("npo", WORLD, smoother="gp")
+    except ConfigError as err:
+        results["gp"] = str(err)
+    if rank == 0:
+        Path(out).write_bytes(pickle.dumps(results))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "out.pkl"), str(tmp / "runs")), nprocs=WORLD, join=True)
+    return {**pickle.loads((tmp / "out.pkl").read_bytes()), "runs": tmp / "runs"}
+
+
+def records(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_give_the_one_process_numbers(two: dict[str, Any], name: str, tmp_path: Path) -> None:
+    want_params, _ = train(name, 1, tmp_path / name)
+    got = two[name]["params"]
+    assert set(got) == set(want_params)
+    moved = max(float((want_params[n] - p).abs().max()) for n, p in tiny_llama(tiny_tokenizer()).named_parameters())
+    assert moved > 1e-4  # it trained
+    for n in want_params:
+        torch.testing.assert_close(got[n], want_params[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
+    want, got_records = records(tmp_path / name), records(two["runs"] / name)  # rank 0 alone wrote the folder
+    assert [r["step"] for r in got_records] == [r["step"] for r in want] == [1, 2, 3]
+    for g, w in zip(got_records, want):
+        for key in ("loss", "forget_loss", "grad_norm", *(("retain_loss",) if "retain_loss" in w else ())):
+            assert g[key] == pytest.approx(w[key], rel=1e-9, abs=1e-12), (name, g["step"], key)
+
+
+def test_a_two_process_checkpoint_resumes_on_one(two: dict[str, Any], tmp_path: Path) -> None:
+    """The 2-process run stopped after its step-2 checkpoint (whole tensors: weights, AdamW's
+    moments); resumed on 1 process, it ends where an uninterrupted 1-process run ends."""
+    import shutil
+
+    folder = tmp_path / "resume"
+    shutil.copytree(two["runs"] / "resume", folder)
+    want, _ = train("npo-sam", 1, tmp_path / "straight", eval_fn=evaluated, save_every=1, eval_every=1)
+    got, summary = train("npo-sam", 1, folder, eval_fn=evaluated, save_every=1, eval_every=1)
+    assert summary["resumed_from"] == 2
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_what_two_processes_cannot_run_is_refused(two: dict[str, Any]) -> None:
+    assert two["gp"].startswith("smoother: gp on 2 processes: its penalty needs a double backward")

@@ -1,0 +1,160 @@
+"""Unlearning on several processes through PyTorch's own distributed engine (`torchrun`), with the
+same numbers as one process.
+
+- `world()`: this process's rank and the world size (1 process when torch.distributed is not
+  initialised); `init_from_env` initialises it from torchrun's variables (gloo on CPU, nccl on CUDA).
+- `shard_model`: FSDP2 (`fully_shard`), one unit per decoder layer and the root, the gradients
+  summed rather than averaged over the ranks (each rank's loss already divides by the whole step's
+  denominators, `unlearn.data`), bf16 compute with float32 reduction where the run asks for bf16.
+- Each step's micro-batch of `batch_size x world` rows is cut into one slice per rank: 2 ranks with
+  micro-batch b compute the step of 1 process with 2b (tested to float tolerance).
+- Checkpoints hold whole tensors (gathered from the shards), so a run written by K processes
+  resumes on K' (`gather`, `scatter_like`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from shared.config import ConfigError
+from shared.sam.shards import is_sharded, shard_like
+
+#: smoothers that cannot run on sharded parameters, and why
+UNSHARDABLE = {"gp": "its penalty needs a double backward (autograd.grad with create_graph), which FSDP2's sharded "
+                     "parameters do not support; use sam, asam, gsam, rs or wa, or run gp on one process"}
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of the run."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes run folders, logs and shows progress."""
+        return self.rank == 0
+
+    def all_sum(self, t: Tensor) -> Tensor:
+        """The sum of `t` over the ranks (in place; `t` itself on one process)."""
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+
+def world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def init_from_env(device: str = "cpu") -> World:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR ...); one process
+    without it. CUDA ranks take the GPU of their LOCAL_RANK."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size > 1 and not dist.is_initialized():
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
+def check_world(cfg: Any, w: World) -> None:
+    """What cannot run on `w.size` processes, as ConfigErrors naming the field, before any work."""
+    if w.size == 1:
+        return
+    if cfg.smoother in UNSHARDABLE:
+        raise ConfigError(f"smoother: {cfg.smoother} on {w.size} processes: {UNSHARDABLE[cfg.smoother]}")
+
+
+def _units(model: nn.Module) -> list[nn.Module]:
+    """FSDP2 units, innermost first: every decoder layer, then the decoder itself (the module
+    holding the layers, with the embeddings and final norm: RMU runs it alone), then the root."""
+    for module in model.modules():
+        for name in ("layers", "h"):
+            layers = getattr(module, name, None)
+            if isinstance(layers, nn.ModuleList) and len(layers):
+                return [*layers, module, model]
+    raise ValueError(f"{type(model).__name__} has no list of decoder layers (layers or h) to shard")
+
+
+def shard_model(model: nn.Module, w: World, *, bf16: bool = False) -> nn.Module:
+    """FSDP2 over the ranks (`_units`), gradients summed over the ranks, not averaged."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (w.size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for unit in _units(model):
+        # reshard after every forward, the root too (FSDP2 keeps the root gathered by default): the
+        # smoothers write w + e, noise and averages into the shards, and a forward without a backward
+        # (evaluation, the reference values) would otherwise leave stale gathered weights behind
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        unit.set_gradient_divide_factor(1.0)  # each rank's loss is its share of the step's: sum, not average
+    return model
+
+
+def rank_rows(rows: Tensor, w: World) -> Tensor:
+    """This rank's slice of a micro-batch's rows (equal slices: the caller sizes micro-batches
+    as batch_size x world)."""
+    return rows.tensor_split(w.size)[w.rank] if w.size > 1 else rows
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def full(t: Any) -> Any:
+    """A DTensor gathered into the whole tensor (a collective: every rank calls it); others as they are."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def gather(obj: Any) -> Any:
+    """`obj` (nested dicts, lists, tensors) with every DTensor gathered whole, in a fixed order."""
+    if isinstance(obj, Mapping):
+        return {k: gather(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gather(v) for v in obj)
+    return full(obj)
+
+
+def scatter_optimizer_state(state: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
+    """An optimizer state dict of whole tensors, with each sharded parameter's state cut as that
+    parameter is sharded (the state of parameter i is keyed i, as `Optimizer.state_dict` does)."""
+    out = dict(state)
+    out["state"] = {
+        i: {k: shard_like(v, params[int(i)]) if isinstance(v, Tensor) and v.shape == params[int(i)].shape else v
+            for k, v in entry.items()}
+        for i, entry in state["state"].items()
+    }
+    return out
+
+
+def to_shards(values: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    """Whole tensors aligned with `params`, each cut to this rank's shard of its parameter."""
+    return [shard_like(v, p) for v, p in zip(values, params)]
+
+
+def broadcast(obj: Any, w: World) -> Any:
+    """Rank 0's `obj` on every rank (pickled; a checkpoint read by rank 0 alone)."""
+    if w.size == 1:
+        return obj
+    box = [obj if w.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters())
+    return p.to_local().device if is_sharded(p) else p.device
