@@ -100,12 +100,22 @@ def shard_model(model: nn.Module, w: World, *, bf16: bool = False) -> nn.Module:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     for unit in _units(model):
-        # reshard after every forward, the root too (FSDP2 keeps the root gathered by default): the
-        # smoothers write w + e, noise and averages into the shards, and a forward without a backward
-        # (evaluation, the reference values) would otherwise leave stale gathered weights behind
-        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
         unit.set_gradient_divide_factor(1.0)  # each rank's loss is its share of the step's: sum, not average
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered weight of a sharded model. FSDP2 keeps the root unit gathered after a
+    forward without a backward (evaluation, the reference values); the smoothers write w + e,
+    noise and averages into the shards, which a forward only sees once it gathers them again.
+    (Resharding the root after every forward instead, `reshard_after_forward=True`, made runs on
+    gloo differ from run to run: measured, not understood.)"""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def rank_rows(rows: Tensor, w: World) -> Tensor:

@@ -39,6 +39,7 @@ from unlearn.distributed import (
     device_of,
     full,
     gather,
+    reshard,
     scatter_optimizer_state,
     shard_model,
     world,
@@ -415,6 +416,8 @@ def _train(
     t_start, step_times = time.perf_counter(), []
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
+        if w.size > 1:
+            reshard(model)  # an evaluation may have left weights gathered that the smoothers' writes would miss
         f_rows = _stream(n_forget, (step - 1) * per_step, per_step, cfg.seed, "forget")
         pairs = [(b.to(device), None) for b in make_micro_batches(forget_data, f_rows, cfg.grad_accum, w.rank, w.size)]
         if retain_data is not None:

@@ -3,10 +3,11 @@ micro-batch: the same losses at every step and the same weights (float64, to flo
 for NPO, NPO+SAM, NPO+RS, NPO+WA, RMU and plain fine-tuning (the relearning attack's loop); a
 checkpoint written by 2 processes resumes on 1; what 2 processes cannot run is refused early.
 
-Slow, and NOT yet reliable (issue 13 is open): NPO, RMU and fine-tuning matched in every run so
-far, but NPO+SAM, NPO+RS and NPO+WA, the smoothers that write into the FSDP2 shards between
-backward passes, match in most runs and differ in some (by 1e-5 to 3e-2), depending on timing.
-The same SAM arithmetic on an FSDP2 MLP (tests/shared/test_sam_shards.py) is stable."""
+Slow, and NOT yet reliable (issue 13 is open). NPO, RMU and fine-tuning matched in every run
+measured; NPO+SAM, NPO+RS and NPO+WA, the smoothers that read or write the FSDP2 shards outside
+the optimizer, matched in most runs and differed in about one run in four (weights by 1e-5 to
+3e-2, at random), worse when rank 0 is slowed by its file writes: a data race, not found yet.
+The same SAM arithmetic on an FSDP2 MLP (tests/shared/test_sam_shards.py) matched in every run."""
 
 from __future__ import annotations
 

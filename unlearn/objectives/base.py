@@ -115,7 +115,7 @@ def per_sample(
     same number of forward passes as every other rank (a shorter slice repeats its last batch:
     FSDP's collectives pair up pass by pass); the caller sums its cache over the ranks
     (`unlearn.distributed.World.all_sum`: each row is filled by one rank, zero elsewhere)."""
-    from unlearn.distributed import device_of, world
+    from unlearn.distributed import device_of, reshard, world
 
     w = world()
     device = device_of(model)
@@ -133,4 +133,6 @@ def per_sample(
                 yield batch, fn(model, batch).detach()
     finally:
         model.train(was_training)
+        if w.size > 1:
+            reshard(model)  # no backward follows: free the weights this forward gathered
 
