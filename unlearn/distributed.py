@@ -107,10 +107,9 @@ def shard_model(model: nn.Module, w: World, *, bf16: bool = False) -> nn.Module:
 
 def reshard(model: nn.Module) -> None:
     """Free every gathered weight of a sharded model. FSDP2 keeps the root unit gathered after a
-    forward without a backward (evaluation, the reference values); the smoothers write w + e,
-    noise and averages into the shards, which a forward only sees once it gathers them again.
-    (Resharding the root after every forward instead, `reshard_after_forward=True`, made runs on
-    gloo differ from run to run: measured, not understood.)"""
+    forward without a backward (an evaluation); the smoothers write w + e, noise and averages into
+    the shards, which a forward only sees once it gathers them again. (Resharding the root after
+    every forward instead, `reshard_after_forward=True`, made runs differ more often.)"""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

@@ -199,10 +199,13 @@ def unlearn(
 
     state = _Prepared.make(model, objective, cfg)
     try:
-        if w.size > 1:  # shard what is trained (LoRA-wrapped or not), then the reference values through it
-            state.sharded(w, cfg.bf16)
+        if w.size > 1:
+            # the reference values on the whole model as it is before any step (each rank computes its
+            # share of the rows, before sharding: FSDP2's forwards without a backward gave values that
+            # changed from run to run on gloo), then shard what is trained (LoRA-wrapped or not)
             if objective.setup is not None:
                 objective.setup(state.model, ctx, SetupData(forget_data, retain_data, None))
+            state.sharded(w, cfg.bf16)
         summary = _train(state, cfg, objective, ctx, forget_data, retain_data, total, run_dir, eval_fn,
                          _fingerprint(forget, retain), w)
     except BaseException:
@@ -382,6 +385,9 @@ def _train(
         model.eval()
         result = eval_fn(model, step)
         model.train()
+        if w.size > 1:
+            reshard(model)  # FSDP2 keeps the root gathered after a forward without a backward: the smoothers'
+            # writes into the shards would be missed by the next forward
         log({"step": step, "kind": "eval", **result})
 
     def check(saved: dict[str, Any]) -> None:
@@ -416,8 +422,6 @@ def _train(
     t_start, step_times = time.perf_counter(), []
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
-        if w.size > 1:
-            reshard(model)  # an evaluation may have left weights gathered that the smoothers' writes would miss
         f_rows = _stream(n_forget, (step - 1) * per_step, per_step, cfg.seed, "forget")
         pairs = [(b.to(device), None) for b in make_micro_batches(forget_data, f_rows, cfg.grad_accum, w.rank, w.size)]
         if retain_data is not None:

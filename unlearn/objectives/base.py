@@ -111,11 +111,11 @@ def per_sample(
     """`fn(model, batch)` over `data` in eval mode (no dropout) under the training autocast, batch by
     batch: (batch, detached result). Used by `setup`s to cache values computed once.
 
-    On several processes (a sharded model) each rank computes its own slice of the rows, in the
-    same number of forward passes as every other rank (a shorter slice repeats its last batch:
-    FSDP's collectives pair up pass by pass); the caller sums its cache over the ranks
+    On several processes each rank computes its own slice of the rows, in the same number of
+    passes as every other rank (a shorter slice repeats its last batch, so that the passes of a
+    sharded model pair up); the caller sums its cache over the ranks
     (`unlearn.distributed.World.all_sum`: each row is filled by one rank, zero elsewhere)."""
-    from unlearn.distributed import device_of, reshard, world
+    from unlearn.distributed import device_of, world
 
     w = world()
     device = device_of(model)
@@ -133,6 +133,4 @@ def per_sample(
                 yield batch, fn(model, batch).detach()
     finally:
         model.train(was_training)
-        if w.size > 1:
-            reshard(model)  # no backward follows: free the weights this forward gathered
 
