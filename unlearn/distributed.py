@@ -2,19 +2,19 @@
 same numbers as one process.
 
 - `world()`: this process's rank and the world size (1 process when torch.distributed is not
-  initialised); `init_from_env` initialises it from torchrun's variables (gloo on CPU, nccl on CUDA).
-- `shard_model`: FSDP2 (`fully_shard`), one unit per decoder layer and the root, the gradients
+  initialised: the caller, e.g. a script under torchrun, initialises it).
+- `shard_model`: FSDP2 (`fully_shard`), one unit per decoder layer, the decoder and the root, the gradients
   summed rather than averaged over the ranks (each rank's loss already divides by the whole step's
   denominators, `unlearn.data`), bf16 compute with float32 reduction where the run asks for bf16.
-- Each step's micro-batch of `batch_size x world` rows is cut into one slice per rank: 2 ranks with
-  micro-batch b compute the step of 1 process with 2b (tested to float tolerance).
+- Each step's micro-batch of `batch_size x world` rows is cut into one slice per rank
+  (`unlearn.data.make_micro_batches`): 2 ranks with micro-batch b compute the step of 1 process
+  with 2b (in progress: tests/unlearn/test_distributed.py says where it does not yet).
 - Checkpoints hold whole tensors (gathered from the shards), so a run written by K processes
-  resumes on K' (`gather`, `scatter_like`).
+  resumes on K' (`gather`, `scatter_optimizer_state`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,27 +49,11 @@ class World:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def barrier(self) -> None:
-        if self.size > 1:
-            dist.barrier()
-
 
 def world() -> World:
     if dist.is_available() and dist.is_initialized():
         return World(dist.get_rank(), dist.get_world_size())
     return World()
-
-
-def init_from_env(device: str = "cpu") -> World:
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR ...); one process
-    without it. CUDA ranks take the GPU of their LOCAL_RANK."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size > 1 and not dist.is_initialized():
-        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return world()
 
 
 def check_world(cfg: Any, w: World) -> None:
@@ -117,12 +101,6 @@ def reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def rank_rows(rows: Tensor, w: World) -> Tensor:
-    """This rank's slice of a micro-batch's rows (equal slices: the caller sizes micro-batches
-    as batch_size x world)."""
-    return rows.tensor_split(w.size)[w.rank] if w.size > 1 else rows
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 def full(t: Any) -> Any:
     """A DTensor gathered into the whole tensor (a collective: every rank calls it); others as they are."""
@@ -148,11 +126,6 @@ def scatter_optimizer_state(state: dict[str, Any], params: Sequence[Tensor]) -> 
         for i, entry in state["state"].items()
     }
     return out
-
-
-def to_shards(values: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
-    """Whole tensors aligned with `params`, each cut to this rank's shard of its parameter."""
-    return [shard_like(v, p) for v, p in zip(values, params)]
 
 
 def broadcast(obj: Any, w: World) -> Any:
