@@ -1,9 +1,9 @@
 """Unlearning on 2 processes (gloo, CPU, FSDP2) gives the numbers of 1 process with twice the
 micro-batch: the same losses at every step and the same weights (float64, to float tolerance),
-for NPO, NPO+SAM, NPO+RS, NPO+WA, RMU and plain fine-tuning (the relearning attack's loop); a
+for NPO, NPO+SAM, NPO+RS, NPO+WA, RMU and fine-tuning, full and LoRA (the relearning attacks' loop); a
 checkpoint written by 2 processes resumes on 1; what 2 processes cannot run is refused early.
 
-Slow, and NOT yet reliable (issue 13 is open). Plain fine-tuning matched in every run measured.
+Slow, and NOT yet reliable (issue 13 is open). Fine-tuning, full and LoRA, matched in every run measured.
 NPO+SAM, NPO+RS and NPO+WA differ in about one run in four (weights by 1e-5 to 3e-2), and NPO
 itself now and then at 1e-8; the first run of a process can be hit, and slowing rank 0 (its file
 writes) makes it more frequent. Values computed on the plain, unsharded model before sharding
@@ -37,6 +37,7 @@ RUNS: dict[str, dict[str, Any]] = {
     "npo-wa": {"objective": "npo", "smoother": "wa", "wa_start": 1, "wa_every": 1},
     "rmu": {"objective": "rmu", "rmu_layer": 1, "rmu_update_layers": [0, 1], "lr": 1e-3},
     "nll": {"objective": "nll"},
+    "nll-lora": {"objective": "nll", "lora": True, "lora_r": 4},  # the LoRA fine-tuning attack's loop
 }
 
 
