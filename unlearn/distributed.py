@@ -8,7 +8,7 @@ same numbers as one process.
   denominators, `unlearn.data`), bf16 compute with float32 reduction where the run asks for bf16.
 - Each step's micro-batch of `batch_size x world` rows is cut into one slice per rank
   (`unlearn.data.make_micro_batches`): 2 ranks with micro-batch b compute the step of 1 process
-  with 2b (in progress: tests/unlearn/test_distributed.py says where it does not yet).
+  with 2b (tests/unlearn/test_distributed.py).
 - Checkpoints hold whole tensors (gathered from the shards), so a run written by K processes
   resumes on K' (`gather`, `scatter_optimizer_state`).
 """
@@ -92,8 +92,7 @@ def shard_model(model: nn.Module, w: World, *, bf16: bool = False) -> nn.Module:
 def reshard(model: nn.Module) -> None:
     """Free every gathered weight of a sharded model. FSDP2 keeps the root unit gathered after a
     forward without a backward (an evaluation); the smoothers write w + e, noise and averages into
-    the shards, which a forward only sees once it gathers them again. (Resharding the root after
-    every forward instead, `reshard_after_forward=True`, made runs differ more often.)"""
+    the shards, which a forward only sees once it gathers them again."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

@@ -200,9 +200,8 @@ def unlearn(
     state = _Prepared.make(model, objective, cfg)
     try:
         if w.size > 1:
-            # the reference values on the whole model as it is before any step (each rank computes its
-            # share of the rows, before sharding: FSDP2's forwards without a backward gave values that
-            # changed from run to run on gloo), then shard what is trained (LoRA-wrapped or not)
+            # the reference values on the model as it is before any step (each rank computes its share of
+            # the rows and the shares are summed), then shard what is trained (LoRA-wrapped or not)
             if objective.setup is not None:
                 objective.setup(state.model, ctx, SetupData(forget_data, retain_data, None))
             state.sharded(w, cfg.bf16)

@@ -33,7 +33,7 @@ def setup(model: nn.Module, ctx: ObjectiveContext, data: SetupData) -> None:
     """Cache log p_ref(y|x) of every forget sample, from `data.ref_model` or else the model as it
     is before the first step."""
     ref = data.ref_model if data.ref_model is not None else model
-    values = torch.empty(len(data.forget["input_ids"]), dtype=torch.float64)
+    values = torch.zeros(len(data.forget["input_ids"]), dtype=torch.float64)  # zeros: ranks sum their rows
     for batch, logp in per_sample(ref, data.forget, sequence_logprob, ctx.cfg.batch_size, ctx):
         values[batch.index] = logp.double().cpu()
     ctx.cache[REF_KEY] = world().all_sum(values)  # each rank computed its share of the rows
