@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from fedsam.config import FedConfig
-from fedsam.messages import NODE_WAIT_KEY, NULL, PARTITION_DIR, ROUND_TIMEOUT_KEY
+from fedsam.messages import NODE_WAIT_KEY, NULL, PARTITION_DIR, RELAY_KEYS, ROUND_TIMEOUT_KEY, relay_seconds
 from fedsam.partitions import export_partitions, split_settings
 from shared.config import ConfigError
 from shared.errors import RunError
@@ -92,13 +92,12 @@ class LocalDeployment:
     `with LocalDeployment(cfg, 3) as dep: dep.run()`. SuperNode k serves the nodes
     k, k+S, ... (node-config partition-id=k num-partitions=S) from the exported partitions."""
 
-    def __init__(self, cfg: FedConfig, supernodes: int, *, round_timeout: float = 3600.0, node_wait: float = 120.0,
-                 echo: IO[str] | None = None) -> None:
+    def __init__(self, cfg: FedConfig, supernodes: int, *, round_timeout: float = RELAY_KEYS[ROUND_TIMEOUT_KEY],
+                 node_wait: float = RELAY_KEYS[NODE_WAIT_KEY], echo: IO[str] | None = None) -> None:
         if isinstance(supernodes, bool) or not isinstance(supernodes, int) or not 1 <= supernodes <= cfg.num_nodes:
             raise ConfigError(f"supernodes: expected an integer in [1, num_nodes={cfg.num_nodes}], got {supernodes!r}")
         for key, value in ((ROUND_TIMEOUT_KEY, round_timeout), (NODE_WAIT_KEY, node_wait)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{key}: expected a number of seconds > 0, got {value!r}")
+            relay_seconds({key: value}, key)  # the relay's own check, before anything starts
         self.cfg, self.supernodes, self.echo = cfg, supernodes, echo
         # the ServerApp runs in the SuperLink's folder: relative paths would land there, so pass them absolute
         paths = {"out_dir": str(Path(cfg.out_dir).resolve()),
@@ -248,8 +247,8 @@ class LocalDeployment:
         return summary
 
 
-def deploy(cfg: FedConfig, supernodes: int, *, round_timeout: float = 3600.0, node_wait: float = 120.0,
-           echo: IO[str] | None = sys.stdout) -> dict[str, Any]:
+def deploy(cfg: FedConfig, supernodes: int, *, round_timeout: float = RELAY_KEYS[ROUND_TIMEOUT_KEY],
+           node_wait: float = RELAY_KEYS[NODE_WAIT_KEY], echo: IO[str] | None = sys.stdout) -> dict[str, Any]:
     """`samsuite fed deploy`: run `cfg` on a fresh local deployment and stop it again."""
     if cfg.engine != "flower":  # the run records the engine it ran on
         cfg = replace(cfg, engine="flower")

@@ -37,6 +37,7 @@ from fedsam.client import federated_data, initial_state, local_update
 from fedsam.config import FedConfig
 from fedsam.deploy import LocalDeployment
 from fedsam.engine import run_inprocess
+from fedsam.partitions import split_settings
 from shared.report import markdown_table
 from shared.runio import atomic_write_text, environment, write_json
 
@@ -83,9 +84,7 @@ def fresh_interpreter(cfg: FedConfig, partitions: Path, shape: tuple[int, ...], 
     """Parts 1 and 2's breakdown: the floor script and the ClientApp's imports + partition read,
     each in a fresh interpreter, round-robin."""
     floor_code = FLOOR_SCRIPT.format(model=cfg.model, classes=classes, shape=tuple(shape))
-    split = {k: getattr(cfg, k) for k in ("dataset", "num_nodes", "partitioner", "alpha", "classes_per_node",
-                                          "local_test_fraction", "seed", "dataset_options")}
-    client_code = CLIENT_SCRIPT.format(cfg=json.dumps(split), folder=str(partitions))
+    client_code = CLIENT_SCRIPT.format(cfg=json.dumps(split_settings(cfg)), folder=str(partitions))
     floors, client = [], []
     for r in range(repeats):
         for which in (("floor", "client") if r % 2 == 0 else ("client", "floor")):

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -39,6 +38,7 @@ from fedsam import server_app as server_module
 from fedsam.client import federated_data, initial_state, local_update
 from fedsam.client_app import build_client_app
 from fedsam.config import FedConfig
+from fedsam.deploy import free_port
 from fedsam.engine import run_inprocess
 from fedsam.messages import MEMBER_KEY, fed_config_from_run_config, relay_seconds, served_nodes
 from fedsam.partitions import export_partitions
@@ -349,12 +349,6 @@ def test_flower_simulation_gives_the_inprocess_metrics(tmp_path: Path) -> None:
     assert_same_metrics(got, inprocess_records(tmp_path, run_config))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _superlinks_of(flwr_home: Path) -> list[int]:
     """Pids of the SuperLinks that log into `flwr_home` (started by this test's `flwr run`)."""
     pids = []
@@ -389,7 +383,7 @@ def test_flwr_run_runs_the_app(tmp_path: Path) -> None:
     SuperExec it left running in the background are stopped."""
     flwr_home = tmp_path / "flwr_home"
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     out = tmp_path / "runs"
     run_config = f"num-nodes=3 rounds=2 local-steps=2 partitioner='iid' out-dir='{out}' name='flwr-run'"
     cmd = ["flwr", "run", str(ROOT), "--stream", "--federation-config", "num-supernodes=3", "--run-config", run_config]

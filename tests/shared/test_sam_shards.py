@@ -44,6 +44,14 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(STEPS, 8, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (STEPS, 8), generator=gen)
 
 
+def reduction_tensors() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Whole tensors for the norm and dot checks: 4 rows (even over 2 ranks), 3 (uneven), 2 x 2 (replicated)."""
+    gen = torch.Generator().manual_seed(2)
+    full = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64),
+            torch.randn(2, 2, generator=gen, dtype=torch.float64)]
+    return full, [t.flip(0) + 1 for t in full]
+
+
 def train(model: nn.Module, member: str, base: str, options: dict[str, Any], rank: int = 0, world: int = 1
           ) -> nn.Module:
     opt = build_optimizer(member, list(model.parameters()), base, rho=0.1, lr=0.05, **options)
@@ -75,10 +83,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         train(model, member, base, options, rank, WORLD)
         results[f"{member}-{base}"] = [p.full_tensor().detach().clone() for p in model.parameters()]
     # the reductions themselves: even, uneven (3 rows over 2 ranks) and replicated tensors
-    gen = torch.Generator().manual_seed(2)
-    full = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64),
-            torch.randn(2, 2, generator=gen, dtype=torch.float64)]
-    other = [t.flip(0) + 1 for t in full]
+    full, other = reduction_tensors()
     shards = [distribute_tensor(full[0], mesh, [Shard(0)]), distribute_tensor(full[1], mesh, [Shard(0)]),
               distribute_tensor(full[2], mesh, [Replicate()])]
     local = [s.to_local() for s in shards]
@@ -118,10 +123,7 @@ def test_two_sharded_ranks_equal_one_process(sharded: dict[str, Any], member: st
 
 
 def test_a_shard_norm_is_the_whole_tensors_norm(sharded: dict[str, Any]) -> None:
-    gen = torch.Generator().manual_seed(2)
-    full = [torch.randn(4, 3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen, dtype=torch.float64),
-            torch.randn(2, 2, generator=gen, dtype=torch.float64)]
-    other = [t.flip(0) + 1 for t in full]
+    full, other = reduction_tensors()
     flat, flat_other = torch.cat([t.reshape(-1) for t in full]), torch.cat([t.reshape(-1) for t in other])
     torch.testing.assert_close(sharded["norm"], flat.norm(), rtol=1e-12, atol=0)  # the replicated one counted once
     torch.testing.assert_close(sharded["dot"], flat @ flat_other, rtol=1e-12, atol=0)
