@@ -6,25 +6,32 @@ same numbers as one process.
 - `shard_model`: FSDP2 (`fully_shard`), one unit per decoder layer, the decoder and the root, the gradients
   summed rather than averaged over the ranks (each rank's loss already divides by the whole step's
   denominators, `unlearn.data`), bf16 compute with float32 reduction where the run asks for bf16.
-- Each step's micro-batch of `batch_size x world` rows is cut into one slice per rank
-  (`unlearn.data.make_micro_batches`): 2 ranks with micro-batch b compute the step of 1 process
-  with 2b (tests/unlearn/test_distributed.py).
+- `batch_size` is the whole step's micro-batch whatever the number of processes: each rank takes
+  batch_size / world of its rows (`unlearn.data.make_micro_batches`), so the same config on 1, 2 or
+  K processes computes the same step (tests/unlearn/test_distributed.py); a world that does not
+  divide the batch is refused.
 - Checkpoints hold whole tensors (gathered from the shards), so a run written by K processes
-  resumes on K' (`gather`, `scatter_optimizer_state`).
+  resumes on K' (`gather`, `scatter_optimizer_state`); so do saved models (`save_model`).
+- Rank 0 alone reads and writes run folders (`on_main`: the others receive what it found, or raise
+  its error); the evaluation shares its batches out (`unlearn.eval.batching.rank_batches`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from shared.config import ConfigError
-from shared.sam.shards import is_sharded, shard_like
+from shared.sam.shards import any_sharded, is_sharded, shard_like
+
+T = TypeVar("T")
 
 #: smoothers that cannot run on sharded parameters, and why
 UNSHARDABLE = {"gp": "its penalty needs a double backward (autograd.grad with create_graph), which FSDP2's sharded "
@@ -56,22 +63,65 @@ def world() -> World:
     return World()
 
 
+def init_from_env(device: str = "cpu") -> World:
+    """Join the process group that torchrun (or `--nproc`) describes in the environment (WORLD_SIZE,
+    RANK, MASTER_ADDR, MASTER_PORT): gloo on CPU, nccl on CUDA with one GPU per process (LOCAL_RANK,
+    which "cuda" then means). A single process, or one already in a group, joins nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
+def on_main(fn: Callable[[], T], w: World | None = None) -> T:
+    """`fn()` run by rank 0 alone, and its result on every rank, or its error raised on every rank
+    (so that all stop alike, with rank 0's message): rank 0 reads and writes the run folder, the
+    others learn what it found."""
+    w = w or world()
+    if w.size == 1:
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    if w.main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every rank)
+            error = err
+    result, error = broadcast((result, error), w)
+    if error is not None:
+        raise error
+    return result
+
+
+def barrier(w: World | None = None) -> None:
+    """Wait for every rank (e.g. until rank 0 has written a model the others load)."""
+    if (w or world()).size > 1:
+        dist.barrier()
+
+
 def check_world(cfg: Any, w: World) -> None:
     """What cannot run on `w.size` processes, as ConfigErrors naming the field, before any work."""
     if w.size == 1:
         return
     if cfg.smoother in UNSHARDABLE:
         raise ConfigError(f"smoother: {cfg.smoother} on {w.size} processes: {UNSHARDABLE[cfg.smoother]}")
+    if cfg.batch_size % w.size:
+        fits = [k for k in range(1, cfg.batch_size + 1) if cfg.batch_size % k == 0]
+        raise ConfigError(f"batch_size: {cfg.batch_size} rows per micro-batch cannot be shared evenly by {w.size} "
+                          f"processes; use a multiple of {w.size}, or {', '.join(map(str, fits))} processes (--nproc)")
 
 
 def _units(model: nn.Module) -> list[nn.Module]:
-    """FSDP2 units, innermost first: every decoder layer, then the decoder itself (the module
-    holding the layers, with the embeddings and final norm: RMU runs it alone), then the root."""
+    """FSDP2 units, innermost first: every decoder layer, then the root (with the embeddings, the final
+    norm and the head: a head tied to the embeddings must share their unit, FSDP2 refuses a parameter
+    in two units)."""
     for module in model.modules():
         for name in ("layers", "h"):
             layers = getattr(module, name, None)
             if isinstance(layers, nn.ModuleList) and len(layers):
-                return [*layers, module, model]
+                return [*layers, model]
     raise ValueError(f"{type(model).__name__} has no list of decoder layers (layers or h) to shard")
 
 
@@ -80,12 +130,15 @@ def shard_model(model: nn.Module, w: World, *, bf16: bool = False) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(next(model.parameters()).device.type, (w.size,))
+    mesh = init_device_mesh(device_of(model).type, (w.size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
         MixedPrecisionPolicy()
     for unit in _units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
         unit.set_gradient_divide_factor(1.0)  # each rank's loss is its share of the step's: sum, not average
+    left = [n for n, p in model.named_parameters() if not is_sharded(p)]
+    if left:  # their gradients would not be summed over the ranks
+        raise ValueError(f"{type(model).__name__}: parameters outside every FSDP unit: {', '.join(left[:5])}")
     return model
 
 
@@ -134,6 +187,26 @@ def broadcast(obj: Any, w: World) -> Any:
     box = [obj if w.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def save_model(model: nn.Module, tokenizer: Any, folder: str | Path, w: World | None = None) -> None:
+    """`model` and `tokenizer` in Hugging Face format, written by rank 0 once every rank may load them:
+    a sharded model's weights are gathered whole first (every rank calls this)."""
+    w = w or world()
+    state = None
+    if any_sharded(model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if w.main:
+        model.save_pretrained(folder, state_dict=state)
+        tokenizer.save_pretrained(folder)
+        if state is not None:  # save_pretrained named FSDP's wrapper class (FSDPLlamaForCausalLM) the architecture
+            from torch.distributed.fsdp import FSDPModule
+
+            model.config.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
+            model.config.save_pretrained(folder)
+    barrier(w)
 
 
 def device_of(model: nn.Module) -> torch.device:

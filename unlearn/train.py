@@ -66,7 +66,8 @@ class UnlearnConfig:
     warmup_steps: int = 0
     steps: int | None = field(default=None, metadata={"help": "optimizer steps; None: from epochs"})
     epochs: float = 1.0
-    batch_size: int = field(default=4, metadata={"help": "rows per micro-batch (forget; as many retain)"})
+    batch_size: int = field(default=4, metadata={"help": "rows per micro-batch (forget; as many retain), shared by "
+                                                         "the processes of a multi-process run"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per step"})
     max_length: int = 512
     max_grad_norm: float | None = 1.0
@@ -358,9 +359,9 @@ def _train(
         retain=(lambda pair: _under(ctx, objective.retain, model, pair[1])) if retain_data is not None else None,
         gamma=cfg.gamma,
     )
-    # batch_size is per process: the run is the one-process run with batch_size x processes, which is
-    # what its folder records (and what a resume on any number of processes is checked against)
-    config = {**to_dict(cfg), "batch_size": cfg.batch_size * w.size}
+    # batch_size is the whole step's micro-batch, which the processes share: the config (and what a
+    # resume on any number of processes is checked against) does not depend on the number of processes
+    config = to_dict(cfg)
     run = RunDir(run_dir) if run_dir is not None and w.main else None  # rank 0 alone writes the run folder
     history: list[dict[str, Any]] = []
     start, last_saved = 0, None
@@ -416,7 +417,7 @@ def _train(
     if eval_fn is not None and start == 0:
         evaluate(0)
     n_forget, n_retain = len(forget_data["input_ids"]), (len(retain_data["input_ids"]) if retain_data else 0)
-    per_step = cfg.batch_size * cfg.grad_accum * w.size  # each rank takes batch_size rows of every micro-batch
+    per_step = cfg.batch_size * cfg.grad_accum  # each rank takes batch_size / w.size rows of every micro-batch
     progress = tqdm(total=total, initial=start, desc=f"{cfg.objective}+{cfg.smoother}", unit="step", disable=not w.main)
     t_start, step_times = time.perf_counter(), []
     for step in range(start + 1, total + 1):

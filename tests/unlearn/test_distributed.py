@@ -24,7 +24,7 @@ from shared.config import ConfigError
 from unlearn.train import UnlearnConfig, unlearn
 
 WORLD = 2
-BASE = {"steps": 3, "lr": 1e-2, "batch_size": 1, "grad_accum": 2, "rho": 0.05, "max_length": 64}
+BASE = {"steps": 3, "lr": 1e-2, "batch_size": 2, "grad_accum": 2, "rho": 0.05, "max_length": 64}
 RUNS: dict[str, dict[str, Any]] = {
     "npo": {"objective": "npo"},
     "npo-sam": {"objective": "npo", "smoother": "sam"},
@@ -36,11 +36,9 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def config(name: str, world: int, **kw: Any) -> UnlearnConfig:
-    """The run `name` for `world` processes: the per-rank micro-batch is 2 / world rows."""
-    settings = {**BASE, **RUNS[name], **kw}
-    settings["batch_size"] = settings["batch_size"] * WORLD // world
-    return UnlearnConfig(**settings)
+def config(name: str, **kw: Any) -> UnlearnConfig:
+    """The run `name`: the same config on any number of processes (each takes its share of the batch)."""
+    return UnlearnConfig(**{**BASE, **RUNS[name], **kw})
 
 
 class Stop(Exception):
@@ -57,11 +55,11 @@ def evaluated(model: Any, step: int) -> dict[str, float]:
     return {"evaluated": float(step)}
 
 
-def train(name: str, world: int, run_dir: Path | None = None, eval_fn: Any = None, **kw: Any
+def train(name: str, run_dir: Path | None = None, eval_fn: Any = None, **kw: Any
           ) -> tuple[dict[str, torch.Tensor], Any]:
     tok = tiny_tokenizer()
     model = tiny_llama(tok)
-    summary = unlearn(model, tok, FORGET, RETAIN, config(name, world, **kw), run_dir=run_dir, eval_fn=eval_fn)
+    summary = unlearn(model, tok, FORGET, RETAIN, config(name, **kw), run_dir=run_dir, eval_fn=eval_fn)
     from unlearn.distributed import full
 
     return {n: full(p).detach().clone() for n, p in model.named_parameters()}, summary
@@ -74,17 +72,21 @@ def _worker(rank: int, init_file: str, out: str, run_root: str) -> None:
     torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for name in RUNS:
-        params, summary = train(name, WORLD, Path(run_root) / name)
+        params, summary = train(name, Path(run_root) / name)
         results[name] = {"params": params, "final": summary["final"]}
     # a checkpoint of 2 processes, resumed on 1 (below): the run stops after its step-2 checkpoint
     try:
-        train("npo-sam", WORLD, Path(run_root) / "resume", eval_fn=stop_at_3, save_every=1, eval_every=1)
+        train("npo-sam", Path(run_root) / "resume", eval_fn=stop_at_3, save_every=1, eval_every=1)
     except Stop:
         pass
     try:
-        train("npo", WORLD, smoother="gp")
+        train("npo", smoother="gp")
     except ConfigError as err:
         results["gp"] = str(err)
+    try:
+        train("npo", batch_size=1)  # 1 row per micro-batch cannot be shared by 2 processes
+    except ConfigError as err:
+        results["batch"] = str(err)
     if rank == 0:
         Path(out).write_bytes(pickle.dumps(results))
     dist.destroy_process_group()
@@ -103,7 +105,7 @@ def records(run_dir: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_give_the_one_process_numbers(two: dict[str, Any], name: str, tmp_path: Path) -> None:
-    want_params, _ = train(name, 1, tmp_path / name)
+    want_params, _ = train(name, tmp_path / name)
     got = two[name]["params"]
     assert set(got) == set(want_params)
     moved = max(float((want_params[n] - p).abs().max()) for n, p in tiny_llama(tiny_tokenizer()).named_parameters())
@@ -124,8 +126,8 @@ def test_a_two_process_checkpoint_resumes_on_one(two: dict[str, Any], tmp_path: 
 
     folder = tmp_path / "resume"
     shutil.copytree(two["runs"] / "resume", folder)
-    want, _ = train("npo-sam", 1, tmp_path / "straight", eval_fn=evaluated, save_every=1, eval_every=1)
-    got, summary = train("npo-sam", 1, folder, eval_fn=evaluated, save_every=1, eval_every=1)
+    want, _ = train("npo-sam", tmp_path / "straight", eval_fn=evaluated, save_every=1, eval_every=1)
+    got, summary = train("npo-sam", folder, eval_fn=evaluated, save_every=1, eval_every=1)
     assert summary["resumed_from"] == 2
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-9, atol=1e-11, msg=lambda m, n=n: f"{n}: {m}")
@@ -133,3 +135,5 @@ def test_a_two_process_checkpoint_resumes_on_one(two: dict[str, Any], tmp_path: 
 
 def test_what_two_processes_cannot_run_is_refused(two: dict[str, Any]) -> None:
     assert two["gp"].startswith("smoother: gp on 2 processes: its penalty needs a double backward")
+    assert two["batch"] == ("batch_size: 1 rows per micro-batch cannot be shared evenly by 2 processes; use a "
+                            "multiple of 2, or 1 processes (--nproc)")

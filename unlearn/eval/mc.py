@@ -31,7 +31,15 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from unlearn.eval.batching import at_least_float32, eval_mode, length_batches, model_device, pad_id
+from unlearn.eval.batching import (
+    at_least_float32,
+    eval_mode,
+    gather_rows,
+    length_batches,
+    model_device,
+    pad_id,
+    rank_batches,
+)
 
 CHOICE_LABELS = ("A", "B", "C", "D")
 TARGET_DELIMITER = " "
@@ -187,9 +195,10 @@ def loglikelihoods(
     rows = _rows(requests, model_max_length(model.config, tokenizer))
     out = np.zeros((len(requests), len(requests[0]) if requests else 0), dtype=np.float64)
     device, pad = model_device(model), pad_id(tokenizer)
-    batches = length_batches([len(r.tokens) for r in rows], batch_size)
+    batches = rank_batches(length_batches([len(r.tokens) for r in rows], batch_size), model)
+    values: dict[tuple[int, int], float] = {}
     with eval_mode(model):
-        for batch in tqdm(batches, desc="multiple choice", unit="batch", disable=not progress, leave=False):
+        for batch, kept in tqdm(batches, desc="multiple choice", unit="batch", disable=not progress, leave=False):
             chosen = [rows[i] for i in batch]
             # row b's continuation of n tokens is scored by the logits at its last n columns
             spans = [(len(r.tokens), max(len(cont) for _, _, cont in r.targets)) for r in chosen]
@@ -198,11 +207,13 @@ def loglikelihoods(
             keep = torch.tensor(columns, dtype=torch.long, device=device)
             logits = model(**right_pad([r.tokens for r in chosen], pad, device), logits_to_keep=keep).logits
             logprobs = torch.log_softmax(at_least_float32(logits), dim=-1)
-            for b, (row, (end, _)) in enumerate(zip(chosen, spans)):
+            for b, (row, (end, _)) in enumerate(zip(chosen, spans) if kept else ()):
                 for q, c, cont in row.targets:
                     positions = torch.tensor([where[p] for p in range(end - len(cont), end)], device=device)
                     tokens = torch.tensor(cont, device=device)
-                    out[q, c] = float(logprobs[b, positions, tokens].double().sum())
+                    values[q, c] = float(logprobs[b, positions, tokens].double().sum())
+    for (q, c), value in gather_rows(values).items():
+        out[q, c] = value
     return out
 
 

@@ -35,7 +35,18 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.validate import check_positive, check_range
-from unlearn.eval.batching import at_least_float32, eval_mode, left_pad, length_batches, model_device, pad_id
+from unlearn.distributed import world
+from unlearn.eval.batching import (
+    at_least_float32,
+    eval_mode,
+    gather_rows,
+    is_sharded_model,
+    left_pad,
+    length_batches,
+    model_device,
+    pad_id,
+    rank_batches,
+)
 from unlearn.eval.mc import model_max_length, right_pad
 
 VERBMEM_MAX_NEW_TOKENS = 128
@@ -88,20 +99,23 @@ def greedy_generate(
     check_positive("max_new_tokens", max_new_tokens)
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     eos, device, pad = _eos_ids(model, tokenizer), model_device(model), pad_id(tokenizer)
-    out: list[list[int]] = [[] for _ in prompts]
-    batches = length_batches([len(e) for e in encoded], batch_size)
+    out: dict[int, list[int]] = {}
+    batches = rank_batches(length_batches([len(e) for e in encoded], batch_size), model)
+    # on a sharded model every forward is a collective: a process whose rows are done goes on until all are
+    synced = is_sharded_model(model) and world().size > 1
     with eval_mode(model):
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+        for batch, kept in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
             inputs = left_pad([encoded[i] for i in batch], pad, device)
             width = inputs["input_ids"].shape[1]
             generated = model.generate(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, synced_gpus=synced,
             )
-            for i, row in zip(batch, generated[:, width:].tolist()):
+            for i, row in zip(batch if kept else (), generated[:, width:].tolist()):
                 stop = next((j + 1 for j, token in enumerate(row) if token in eos), len(row))
                 out[i] = row[:stop]
-    return out
+    gathered = gather_rows(out)
+    return [gathered[i] for i in range(len(prompts))]
 
 
 @dataclass(frozen=True)
@@ -218,17 +232,18 @@ def token_logprobs(
             raise MuseDataError(f"privleak: text {i} ({texts[i][:40]!r}) encodes to {len(ids)} token(s); "
                                 "need 2 or more")
     device, pad = model_device(model), pad_id(tokenizer)
-    out: list[np.ndarray] = [np.empty(0)] * len(texts)
-    batches = length_batches([len(e) for e in encoded], batch_size)
+    out: dict[int, np.ndarray] = {}
+    batches = rank_batches(length_batches([len(e) for e in encoded], batch_size), model)
     with eval_mode(model):
-        for batch in tqdm(batches, desc="log-probs", unit="batch", disable=not progress, leave=False):
+        for batch, kept in tqdm(batches, desc="log-probs", unit="batch", disable=not progress, leave=False):
             inputs = right_pad([encoded[i] for i in batch], pad, device)
             logits = at_least_float32(model(**inputs).logits[:, :-1])
             targets = inputs["input_ids"][:, 1:]
             logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            for b, i in enumerate(batch):  # row b's real tokens are its first len(encoded[i]) columns
+            for b, i in enumerate(batch if kept else ()):  # row b's real tokens are its first len(encoded[i]) columns
                 out[i] = logprobs[b, : len(encoded[i]) - 1].double().cpu().numpy()
-    return out
+    gathered = gather_rows(out)
+    return [gathered[i] for i in range(len(texts))]
 
 
 def min_k_prob(logprobs: np.ndarray, k: float = MIN_K) -> float:

@@ -45,8 +45,8 @@ def hidden_states(model: nn.Module, batch: LMBatch, layer: int) -> Tensor:
     open-unlearning's RMU does). Not `hidden_states[layer + 1]` of an `output_hidden_states` call: for
     the last layer, Hugging Face models return the final norm's output there, not the layer's. The
     forward stops at the hooked layer (the later layers are not run); the hook removes itself on its
-    first call, so a gradient-checkpointing recompute of the layer runs without it."""
-    decoder = model.get_decoder()
+    first call, so a gradient-checkpointing recompute of the layer runs without it. The whole model is
+    called, not its decoder alone: a sharded model (FSDP) gathers its weights in the root's forward."""
     captured: list[Tensor] = []
 
     def capture(module: nn.Module, args: object, output: Tensor | tuple[Tensor, ...]) -> None:
@@ -54,9 +54,9 @@ def hidden_states(model: nn.Module, batch: LMBatch, layer: int) -> Tensor:
         captured.append(output if isinstance(output, Tensor) else output[0])  # a tuple in transformers 4.x
         raise _Captured
 
-    handle = decoder_layers(decoder)[layer].register_forward_hook(capture)
+    handle = decoder_layers(model.get_decoder())[layer].register_forward_hook(capture)
     try:
-        decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     except _Captured:
         pass
     finally:
