@@ -107,12 +107,22 @@ def bench_unlearn(
     threads: Optional[int] = typer.Option(1, min=1, help="torch threads (1: the least noisy ratios on a shared CPU)"),
     device: str = typer.Option("cpu", help="cpu or cuda (peak memory from torch.cuda there)"),
     seed: int = typer.Option(0),
+    nproc: int = typer.Option(1, min=1, help="instead: unlearning on NPROC processes (FSDP2) vs 1, step time and "
+                              "peak memory per rank (procs.json, procs.md)"),
 ) -> None:
-    """NPO+SAM / NPO step time and peak memory, and NPO with cached vs recomputed reference log-probs."""
-    from experiments.bench.unlearn import run
+    """NPO+SAM / NPO step time and peak memory, and NPO with cached vs recomputed reference log-probs; with
+    --nproc K, the same run on K processes against one."""
     from shared.validate import check_device
 
     check_device("device", device, allow_auto=False)
+    if nproc > 1:
+        from experiments.bench.unlearn_procs import run as run_procs
+        from unlearn.launch import check_nproc
+
+        check_nproc(nproc, device)
+        run_procs(out_dir=out, nproc=nproc, quick=quick, seed=seed, threads=threads, device=device)
+        return
+    from experiments.bench.unlearn import run
 
     run(out_dir=out, quick=quick, seed=seed, threads=threads, device=device)
 
@@ -137,7 +147,8 @@ def bench_eval(
 
 
 def _error(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if os.environ.get("RANK", "0") == "0":  # one of several processes (torchrun, --nproc): rank 0 alone reports
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     try:
         command = typer.main.get_command(app)
-        command.main(args=argv, prog_name="samsuite", standalone_mode=False)
-        return 0
+        # the context's obj: the command line as given (`--nproc` starts it again in each process)
+        code = command.main(args=argv, prog_name="samsuite", standalone_mode=False, obj={"argv": argv, "debug": debug})
+        return code if isinstance(code, int) else 0  # typer.Exit(code), e.g. the processes of --nproc
     except click.exceptions.Exit as err:
         return err.exit_code
     except click.ClickException as err:  # usage errors: click's own message (and exit code 2)

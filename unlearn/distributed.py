@@ -18,8 +18,9 @@ same numbers as one process.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from shared.config import ConfigError
+from shared.runio import RunDir
 from shared.sam.shards import any_sharded, is_sharded, shard_like
 
 T = TypeVar("T")
@@ -63,16 +65,30 @@ def world() -> World:
     return World()
 
 
-def init_from_env(device: str = "cpu") -> World:
-    """Join the process group that torchrun (or `--nproc`) describes in the environment (WORLD_SIZE,
-    RANK, MASTER_ADDR, MASTER_PORT): gloo on CPU, nccl on CUDA with one GPU per process (LOCAL_RANK,
-    which "cuda" then means). A single process, or one already in a group, joins nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+#: the rendezvous file of the processes `--nproc` starts on one machine (no TCP store to listen on)
+INIT_FILE_ENV = "SAMSUITE_INIT_FILE"
+
+
+@contextlib.contextmanager
+def processes(device: str = "cpu") -> Iterator[World]:
+    """The process group that torchrun (or `--nproc`) describes in the environment (WORLD_SIZE, RANK,
+    MASTER_ADDR, MASTER_PORT), joined for the length of a command and left at its end: gloo on CPU,
+    nccl on CUDA with one GPU per process (LOCAL_RANK, which "cuda" then means). A single process,
+    or one already in a group, joins nothing."""
+    joined = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if joined:
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return world()
+        init = os.environ.get(INIT_FILE_ENV)
+        rendezvous = {"init_method": f"file://{init}", "rank": int(os.environ["RANK"]),
+                      "world_size": int(os.environ["WORLD_SIZE"])} if init else {}
+        dist.init_process_group("nccl" if cuda else "gloo", **rendezvous)
+    try:
+        yield world()
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def on_main(fn: Callable[[], T], w: World | None = None) -> T:
@@ -95,6 +111,20 @@ def on_main(fn: Callable[[], T], w: World | None = None) -> T:
     return result
 
 
+@contextlib.contextmanager
+def claim_on_main(out_dir: str | Path, name: str, kind: str, w: World | None = None) -> Iterator[RunDir]:
+    """`RunDir.claim` by rank 0 (its refusal raised on every rank); the other ranks hold a handle on
+    the same folder, which they never write."""
+    w = w or world()
+    claimed: list[RunDir] = []
+    on_main(lambda: claimed.append(RunDir.acquire(out_dir, name, kind)), w)
+    try:
+        yield claimed[0] if claimed else RunDir(Path(out_dir) / name)
+    finally:
+        if claimed:
+            claimed[0].release()
+
+
 def barrier(w: World | None = None) -> None:
     """Wait for every rank (e.g. until rank 0 has written a model the others load)."""
     if (w or world()).size > 1:
@@ -111,6 +141,13 @@ def check_world(cfg: Any, w: World) -> None:
         fits = [k for k in range(1, cfg.batch_size + 1) if cfg.batch_size % k == 0]
         raise ConfigError(f"batch_size: {cfg.batch_size} rows per micro-batch cannot be shared evenly by {w.size} "
                           f"processes; use a multiple of {w.size}, or {', '.join(map(str, fits))} processes (--nproc)")
+
+
+def check_split(field: str, count: int, w: World) -> None:
+    """`count` rows (texts, samples) shared by `w.size` processes: at least one each."""
+    if count < w.size:
+        raise ConfigError(f"{field}: {count} texts cannot be split over {w.size} processes; use at most {count} "
+                          "processes (--nproc)")
 
 
 def _units(model: nn.Module) -> list[nn.Module]:
@@ -136,6 +173,8 @@ def shard_model(model: nn.Module, w: World, *, bf16: bool = False) -> nn.Module:
     for unit in _units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
         unit.set_gradient_divide_factor(1.0)  # each rank's loss is its share of the step's: sum, not average
+        # a plain SUM: FSDP would scale fp32/bf16 gradients with NCCL's PREMUL_SUM, which gloo lacks
+        unit.set_force_sum_reduction_for_comms(True)
     left = [n for n, p in model.named_parameters() if not is_sharded(p)]
     if left:  # their gradients would not be summed over the ranks
         raise ValueError(f"{type(model).__name__}: parameters outside every FSDP unit: {', '.join(left[:5])}")

@@ -18,6 +18,11 @@ Run folder:
 Resume: every stage writes its result file last; a rerun skips a stage whose file holds the same
 settings (recomputing it, and what follows, when they changed), and an interrupted unlearning
 continues from its checkpoint (the training loop's resume).
+
+Several processes (torchrun, or `--nproc`): every rank walks the same stages; rank 0 alone reads and
+writes the run folder (`unlearn.distributed.on_main`), the training shards the model and its batches,
+the evaluation shares its batches out, and the numbers are those of one process. Every rank loads the
+models rank 0 saved, so on several machines the run folder must be on a file system they all see.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from shared.config import ConfigError, apply_overrides, from_dict, read_yaml, to
 from shared.runio import RunDir, check_run_name, environment, read_result, write_json
 from shared.threads import torch_threads
 from shared.validate import check_choice, check_device
+from unlearn.distributed import World, check_split, check_world, claim_on_main, on_main, save_model, world
 from unlearn.relearn import (
     RelearnConfig,
     benchmark_eval_fn,
@@ -200,11 +206,16 @@ class _Run:
     bench: Any = None
     metrics: list[str] = field(default_factory=list)
     retrain_auc: float | None = None
+    w: World = field(default_factory=World)
 
     def stage(self, path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The stored result at `path` if it was computed with `key` (and resuming)."""
-        record = read_result(path) if self.cfg.resume else None
+        """The stored result at `path` if it was computed with `key` (and resuming), as rank 0 reads it."""
+        record = on_main(lambda: read_result(path), self.w) if self.cfg.resume else None
         return record if isinstance(record, dict) and record.get("key") == json.loads(json.dumps(key)) else None
+
+    def write(self, path: Path, record: Mapping[str, Any]) -> None:
+        if self.w.main:
+            write_json(path, record)
 
     def load(self, spec: str) -> tuple[Any, Any]:
         from unlearn.models import load_model
@@ -219,7 +230,8 @@ class _Run:
                         batch_size=e.batch_size, retrain_auc=self.retrain_auc)
 
     def log(self, stage: str, values: Mapping[str, Any], **where: Any) -> None:
-        self.run.log({"stage": stage, **where, **values})
+        if self.w.main:
+            self.run.log({"stage": stage, **where, **values})
 
 
 def _device(device: str) -> str:
@@ -251,10 +263,11 @@ def _retrain_spec(cfg: RunConfig, bench: Any) -> str | None:
     return _resolve(bench, cfg.retrain)
 
 
-def check_run(cfg: RunConfig, bench: Any) -> None:
-    """Every stage's settings against the benchmark, before any stage runs (and before the run folder is
-    touched): the metrics of the evaluations and of the relearning curve, the attack's sample count, the
-    prepare settings, and the model specs."""
+def check_run(cfg: RunConfig, bench: Any, w: World | None = None) -> None:
+    """Every stage's settings against the benchmark and the processes `w`, before any stage runs (and
+    before the run folder is touched): the metrics of the evaluations and of the relearning curve, the
+    attack's sample count, the prepare settings, the model specs, and what `w.size` processes cannot
+    share (a batch they do not divide, fewer texts than processes, GP)."""
     from unlearn.eval import PRIVLEAK, available_metrics, default_metrics
     from unlearn.models import check_model_spec
 
@@ -271,6 +284,7 @@ def check_run(cfg: RunConfig, bench: Any) -> None:
         draw_samples(len(bench.corpora["forget"]), cfg.relearn.n_samples, 0, 0)
     except ConfigError as err:
         raise ConfigError(f"relearn.{err}") from None
+    _check_world(cfg, bench, w or world())
     if _prepares(cfg):
         from unlearn.prepare import check_settings
 
@@ -279,6 +293,28 @@ def check_run(cfg: RunConfig, bench: Any) -> None:
         check_model_spec(_resolve(bench, cfg.model), "model")
         if retrain is not None:
             check_model_spec(retrain, "retrain")
+
+
+def _check_world(cfg: RunConfig, bench: Any, w: World) -> None:
+    if w.size == 1:
+        return
+    for i in range(len(cfg.methods)):
+        try:
+            check_world(cfg.method_config(i, cfg.seeds[0]), w)
+        except ConfigError as err:
+            raise ConfigError(f"methods[{i}].{err}") from None
+    try:
+        check_world(cfg.relearn.train_config(0), w)
+    except ConfigError as err:
+        raise ConfigError(f"relearn.{err}") from None
+    check_split("forget", len(bench.corpora["forget"]), w)
+    if "retain" in bench.corpora:
+        check_split("retain", len(bench.corpora["retain"]), w)
+    check_split("relearn.n_samples", cfg.relearn.n_samples or len(bench.corpora["forget"]), w)
+    if _prepares(cfg):
+        from unlearn.prepare import check_settings
+
+        check_settings(cfg.prepare.scale, cfg.benchmark_seed, cfg.prepare.overrides, cfg.prepare.out_dir, w)
 
 
 def _resolve(bench: Any, spec: str | None) -> str | None:
@@ -317,7 +353,7 @@ def _reference(ctx: _Run, name: str, spec: str, metrics: list[str]) -> dict[str,
         record = {"key": key, "model": spec, "metrics": ctx.evaluate(model, tokenizer, metrics),
                   "time_s": round(time.perf_counter() - start, 2)}
         del model
-        write_json(path, record)
+        ctx.write(path, record)
     ctx.log(name, record["metrics"])
     return record
 
@@ -341,26 +377,27 @@ def _unit(ctx: _Run, i: int, seed: int, forget: list[str], retain: list[str]) ->
     relearn_key = {"relearn": to_dict(rcfg), "metrics": curve, "eval": to_dict(cfg.eval)}
     unlearned = ctx.stage(folder / "unlearned.json", key)
     relearned = ctx.stage(folder / "relearned.json", relearn_key) if unlearned is not None else None
-    model = tokenizer = None
     fresh = False  # unlearned now (not read back): its relearning must run again too
-    if unlearned is not None and relearned is None and not (folder / "model" / "config.json").is_file():
+    saved = on_main(lambda: (folder / "model" / "config.json").is_file(), ctx.w)
+    if unlearned is not None and relearned is None and not saved:
         unlearned = None  # the model was removed (keep_models=false) and the attack must run again
     if unlearned is None:
         model, tokenizer = ctx.load(target)
         summary = unlearn(model, tokenizer, forget, retain, ucfg, run_dir=folder / "train")
         values = ctx.evaluate(model, tokenizer)
-        model.save_pretrained(folder / "model")
-        tokenizer.save_pretrained(folder / "model")
-        for leftover in (folder / "train").glob("checkpoint.*"):  # model/ is the product now
-            leftover.unlink()
+        save_model(model, tokenizer, folder / "model", ctx.w)
+        del model
+        if ctx.w.main:
+            for leftover in (folder / "train").glob("checkpoint.*"):  # model/ is the product now
+                leftover.unlink()
         unlearned = {"key": key, "method": label, "seed": seed, "metrics": values,
                      "train": {k: summary[k] for k in ("steps", "time_s", "step_time_s", "trainable_params", "final")}}
-        write_json(folder / "unlearned.json", unlearned)
+        ctx.write(folder / "unlearned.json", unlearned)
         relearned, fresh = None, True
     ctx.log("unlearned", unlearned["metrics"], method=label, seed=seed)
     if relearned is None:
-        if model is None:
-            model, tokenizer = ctx.load(str(folder / "model"))
+        # the attack starts from the saved model (on several processes the unlearned one is sharded)
+        model, tokenizer = ctx.load(str(folder / "model"))
         eval_fn = benchmark_eval_fn(tokenizer, ctx.bench, curve, max_samples=cfg.eval.max_samples,
                                     batch_size=cfg.eval.batch_size)
         result = relearn(model, tokenizer, forget, rcfg, eval_fn=eval_fn, run_dir=folder / "relearn",
@@ -368,11 +405,11 @@ def _unit(ctx: _Run, i: int, seed: int, forget: list[str], retain: list[str]) ->
         relearned = {"key": relearn_key, "method": label, "seed": seed, "curve": result["curve"],
                      "final": result["final"], "draws": [{k: d[k] for k in ("draw", "samples", "curve", "final_loss")}
                                                          for d in result["draws"]]}
-        write_json(folder / "relearned.json", relearned)
+        ctx.write(folder / "relearned.json", relearned)
+        del model
     for row in relearned["curve"]:
         ctx.log("relearn", {k: v for k, v in row.items() if k != "step"}, method=label, seed=seed, step=row["step"])
-    del model
-    if not cfg.keep_models and (folder / "model").is_dir():
+    if not cfg.keep_models and ctx.w.main and (folder / "model").is_dir():
         shutil.rmtree(folder / "model")
     return {"method": label, "seed": seed, "unlearned": unlearned["metrics"], "relearned": relearned["final"],
             "curve": relearned["curve"], "draws": relearned["draws"], "train": unlearned["train"]}
@@ -448,10 +485,19 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
         "units": units,
         "table": rows,
         "time_s": round(time.perf_counter() - start, 1),
-        "environment": environment(ctx.device),
+        "environment": environment(ctx.device) | {"processes": ctx.w.size},
     }
     ctx.run.write_json("summary.json", summary)
     return summary
+
+
+def check_pipeline(cfg: RunConfig, w: World | None = None) -> Any:
+    """What `run_pipeline` checks before it touches the run folder (the device, the benchmark, every
+    stage's settings against it and the processes `w`); returns the benchmark."""
+    check_device("device", cfg.device)
+    bench = _benchmark(cfg)
+    check_run(cfg, bench, w)
+    return bench
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
@@ -459,14 +505,14 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     Everything is checked (the config, the benchmark and every stage's settings against it, the run
     folder) before anything is written."""
     start = time.perf_counter()
-    check_device("device", cfg.device)
+    w = world()
     with torch_threads(cfg.threads):
-        bench = _benchmark(cfg)
-        check_run(cfg, bench)
-        with RunDir.claim(cfg.out_dir, cfg.name, "unlearn") as run:
-            ctx = _Run(cfg, run, _device(cfg.device), bench)
-            ctx.run.write_config(to_dict(cfg))
-            ctx.run.truncate_metrics(0)  # rebuilt from the stages' result files as the run walks them
+        bench = check_pipeline(cfg, w)
+        with claim_on_main(cfg.out_dir, cfg.name, "unlearn", w) as run:
+            ctx = _Run(cfg, run, _device(cfg.device), bench, w=w)
+            if w.main:
+                ctx.run.write_config(to_dict(cfg))
+                ctx.run.truncate_metrics(0)  # rebuilt from the stages' result files as the run walks them
             prepared = None
             if _prepares(cfg):
                 from unlearn.prepare import prepare
@@ -479,7 +525,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             references = _references(ctx)
             curve = curve_metrics(bench, cfg.relearn.metrics, ctx.metrics)
             units = [_unit(ctx, i, seed, forget, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
-            return _write_results(ctx, references, units, curve, start, prepared)
+            return on_main(lambda: _write_results(ctx, references, units, curve, start, prepared), w)
 
 
 # ---------------------------------------------------------------------------------------------- compare

@@ -23,11 +23,12 @@ from typing import Any, Literal
 import torch
 
 from shared.config import ConfigError, apply_overrides, from_dict, to_dict
-from shared.runio import RunDir, check_out_dir, check_run_name, environment, read_result
+from shared.runio import check_out_dir, check_run_name, environment, read_result
 from shared.seeding import derive_seed
 from shared.threads import torch_threads
 from shared.validate import check_device
 from unlearn.data import collate, tokenize_texts
+from unlearn.distributed import World, check_world, claim_on_main, on_main, save_model, world
 from unlearn.objectives import token_logprobs
 from unlearn.train import UnlearnConfig, unlearn
 
@@ -152,34 +153,41 @@ def prepare(
     check_device("device", device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tiny, cfg = check_settings(scale, seed, overrides, out)
+    w = world()
+    tiny, cfg = check_settings(scale, seed, overrides, out, w)
     texts = {k: list(v) for k, v in (texts or benchmark_texts(seed)).items()}
     for split in ("forget", "retain"):
         if not texts.get(split):
             raise ValueError(f"texts: the {split} corpus is empty or missing")
     settings = {"scale": scale, "seed": seed, "train": to_dict(cfg), "tiny": to_dict(tiny) if scale == "tiny" else None,
                 "data": hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]}
-    with RunDir.claim(out.parent, out.name, "prepare") as run, torch_threads(threads):
-        record_path = out / "prepare.json"
-        record = read_result(record_path) if not force else None
-        done = all((out / name / "config.json").exists() for name in ("target", "retrain"))
-        if isinstance(record, dict) and record.get("settings") == settings and done:
-            return record
-        record = {"settings": settings, **_build(out, scale, seed, cfg, tiny, texts, device)}
-        run.write_json("prepare.json", record)
+    with claim_on_main(out.parent, out.name, "prepare", w) as run, torch_threads(threads):
+        def built() -> dict[str, Any] | None:  # rank 0 reads the folder
+            record = read_result(out / "prepare.json") if not force else None
+            done = all((out / name / "config.json").exists() for name in ("target", "retrain"))
+            return record if isinstance(record, dict) and record.get("settings") == settings and done else None
+
+        record = on_main(built, w)
+        if record is None:
+            record = {"settings": settings, **_build(out, scale, seed, cfg, tiny, texts, device)}
+            if w.main:
+                run.write_json("prepare.json", record)
         return record
 
 
-def check_settings(scale: Scale, seed: int, overrides: Sequence[str], out_dir: str | Path
+def check_settings(scale: Scale, seed: int, overrides: Sequence[str], out_dir: str | Path, w: World | None = None
                    ) -> tuple[TinyModelConfig, UnlearnConfig]:
     """The tiny model's and the training's settings of `prepare`, checked (with its folder's name and
-    parent) before anything is built."""
+    parent, and against the processes `w` where given) before anything is built."""
     out = Path(out_dir)
     check_run_name(out.name, "prepare out_dir")
     check_out_dir(out.parent, "prepare out_dir")
     data = apply_overrides({}, overrides)
     tiny = from_dict(TinyModelConfig, data.pop("tiny", {}), "tiny")
-    return tiny, train_config(scale, seed, data)
+    cfg = train_config(scale, seed, data)
+    if w is not None:
+        check_world(cfg, w)
+    return tiny, cfg
 
 
 def _build(out: Path, scale: Scale, seed: int, cfg: UnlearnConfig, tiny: TinyModelConfig,
@@ -189,7 +197,8 @@ def _build(out: Path, scale: Scale, seed: int, cfg: UnlearnConfig, tiny: TinyMod
     if scale == "tiny":
         # on every corpus, holdout included: names the models never saw are then split into tokens
         # alike in forget and holdout texts, so that PrivLeak compares memorisation, not tokenisation
-        tokenizer = train_tokenizer([t for split in texts.values() for t in split], tiny.vocab_size, tiny.max_length)
+        tokenizer = on_main(lambda: train_tokenizer([t for split in texts.values() for t in split], tiny.vocab_size,
+                                                    tiny.max_length))  # one tokenizer for every process
     else:
         from unlearn.models import SMOLLM2, load_model, smollm2_tokenizer
 
@@ -203,10 +212,10 @@ def _build(out: Path, scale: Scale, seed: int, cfg: UnlearnConfig, tiny: TinyMod
         model.to(device)
         t0 = time.perf_counter()
         summary = unlearn(model, tokenizer, train_texts, None, cfg, run_dir=out / "logs" / name)
-        model.save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
-        for leftover in (out / "logs" / name).glob("checkpoint.*"):  # the folder above is the product
-            leftover.unlink()
+        save_model(model, tokenizer, out / name)
+        if world().main:
+            for leftover in (out / "logs" / name).glob("checkpoint.*"):  # the folder above is the product
+                leftover.unlink()
         models[name] = {
             "texts": len(train_texts),
             "steps": summary["steps"],
@@ -219,5 +228,5 @@ def _build(out: Path, scale: Scale, seed: int, cfg: UnlearnConfig, tiny: TinyMod
         "models": models,
         "vocab_size": len(tokenizer),
         "time_s": round(time.perf_counter() - t_start, 1),
-        "environment": environment(device),
+        "environment": environment(device) | {"processes": world().size},
     }

@@ -17,6 +17,7 @@ epochs); its MUSE attack (`run_muse_relearn.sh`) fine-tunes on the forget set fo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import time
@@ -32,6 +33,7 @@ from shared.config import ConfigError, check_finite, from_dict, to_dict
 from shared.runio import read_result, write_json
 from shared.seeding import derive_seed
 from shared.stats import mean_std  # also re-exported: unlearn.pipeline imports it from here
+from unlearn.distributed import device_of, on_main, world
 from unlearn.train import UnlearnConfig, unlearn
 
 if TYPE_CHECKING:
@@ -145,14 +147,33 @@ def relearn(
         raise ValueError("forget_pool: expected at least one forget text, got none")
     draw_samples(len(pool), cfg.n_samples, cfg.seed, 0)  # n_samples vs the pool: checked before any training
     start = time.perf_counter()
-    initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    device = device_of(model)
+    if world().size > 1:
+        # the training shards the model it trains, for good: each draw trains a copy of the unlearned
+        # model, which waits on the CPU meanwhile
+        model.to("cpu")
+
+        def fresh() -> nn.Module:
+            return copy.deepcopy(model).to(device)
+
+        def restore() -> None:
+            model.to(device)
+    else:
+        initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+        def fresh() -> nn.Module:
+            model.load_state_dict(initial)
+            return model
+
+        def restore() -> None:
+            model.load_state_dict(initial)
     draws = []
     try:
         for draw in range(cfg.draws):
-            draws.append(_attack(model, tokenizer, pool, cfg, draw, initial, eval_fn,
+            draws.append(_attack(fresh, tokenizer, pool, cfg, draw, eval_fn,
                                  None if run_dir is None else Path(run_dir) / f"draw{draw}", resume))
     finally:
-        model.load_state_dict(initial)
+        restore()
     curve = curve_stats([d["curve"] for d in draws]) if eval_fn is not None else []
     result = {
         "config": to_dict(cfg),
@@ -162,26 +183,26 @@ def relearn(
         "final": {k: v for k, v in curve[-1].items() if k != "step"} if curve else {},
         "time_s": round(time.perf_counter() - start, 3),
     }
-    if run_dir is not None:
+    if run_dir is not None and world().main:
         write_json(Path(run_dir) / "relearn.json", result)
     return result
 
 
 def _attack(
-    model: nn.Module, tokenizer: Any, pool: list[str], cfg: RelearnConfig, draw: int, initial: dict[str, Any],
+    fresh: Callable[[], nn.Module], tokenizer: Any, pool: list[str], cfg: RelearnConfig, draw: int,
     eval_fn: EvalFn | None, run_dir: Path | None, resume: bool,
 ) -> dict[str, Any]:
-    """One draw: from the unlearned weights, fine-tune on its samples; its curve."""
+    """One draw: fine-tune `fresh()` (the unlearned weights) on its samples; its curve."""
     samples = draw_samples(len(pool), cfg.n_samples, cfg.seed, draw)
     texts = [pool[i] for i in samples]
     train_cfg = replace(cfg.train_config(draw), resume=resume)
     key = {"config": to_dict(train_cfg), "samples": samples, "data": _texts_hash(texts), "eval": eval_fn is not None}
     done = run_dir / "draw.json" if run_dir is not None else None
-    record = read_result(done) if resume and done is not None else None
+    w = world()
+    record = on_main(lambda: read_result(done), w) if resume and done is not None else None
     if isinstance(record, dict) and {k: record.get(k) for k in key} == key:
         return record
-    model.load_state_dict(initial)
-    summary = unlearn(model, tokenizer, texts, None, train_cfg, run_dir=run_dir, eval_fn=eval_fn)
+    summary = unlearn(fresh(), tokenizer, texts, None, train_cfg, run_dir=run_dir, eval_fn=eval_fn)
     record = {
         "draw": draw, **key,
         "steps": summary["steps"],
@@ -189,7 +210,7 @@ def _attack(
         "curve": [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]],
         "time_s": summary["time_s"],
     }
-    if run_dir is not None:
+    if run_dir is not None and w.main:
         for leftover in run_dir.glob("checkpoint.*"):  # the weights were only needed to resume this draw
             leftover.unlink()
         write_json(done, record)

@@ -35,6 +35,7 @@ from unlearn.data import make_micro_batches, tokenize_texts
 from unlearn.distributed import (
     World,
     broadcast,
+    check_split,
     check_world,
     device_of,
     full,
@@ -241,9 +242,8 @@ def _check_world_inputs(forget: list[str], retain: list[str] | None, ref_model: 
     if w.size == 1:
         return
     for name, texts in (("forget", forget), ("retain", retain)):
-        if texts is not None and len(texts) < w.size:
-            raise ConfigError(f"{name}: {len(texts)} texts cannot be split over {w.size} processes; use at most "
-                              f"{len(texts)} processes (--nproc)")
+        if texts is not None:
+            check_split(name, len(texts), w)
     if ref_model is not None:
         raise ConfigError("ref_model: a separate reference model is not sharded; on several processes the "
                           "reference is the model before its first step (leave ref_model unset)")
@@ -467,7 +467,7 @@ def _train(
         "step_time_s": sum(step_times) / len(step_times) if step_times else None,
         "evals": [r for r in history if r["kind"] == "eval"],
         "config": config,
-        "environment": environment(str(device)),
+        "environment": environment(str(device)) | {"processes": w.size},
     }
     if run is not None:
         run.write_json("summary.json", summary)

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shared.registry import Registry
 from shared.runio import environment
 from shared.validate import check_choice, check_positive
+from unlearn.distributed import World, world
 from unlearn.eval.mc import MCResult, check_mc, mc_prompt, score_mc
 from unlearn.eval.muse import GenerationScores, knowmem, min_k_prob, privleak, privleak_auc, verbmem
 
@@ -39,6 +40,7 @@ __all__ = [
     "Metric",
     "ModelSpec",
     "available_metrics",
+    "check_backend",
     "check_mc",
     "default_metrics",
     "evaluate",
@@ -214,7 +216,7 @@ def evaluate(
     if max_samples is not None:
         check_positive("max_samples", max_samples)
     wanted = _check_metrics(default_metrics(benchmark, retrain_auc) if metrics is None else metrics, retrain_auc)
-    opts = Options(max_samples, batch_size, progress)
+    opts = Options(max_samples, batch_size, progress and world().main)
     to_compute = [n for n in ORDER if n in wanted or (n == "privleak_auc" and PRIVLEAK in wanted)]
     out = {}
     bar = tqdm(to_compute, desc="metrics", unit="metric", disable=not progress)
@@ -254,6 +256,14 @@ class ModelSpec:
                           adapter=self.adapter, trust_remote_code=self.trust_remote_code)
 
 
+def check_backend(backend: str, w: World | None = None) -> None:
+    """The backend, and whether it runs on the processes `w` (default: this run's)."""
+    check_choice("backend", backend, BACKENDS)
+    if backend == "lm-eval" and (w or world()).size > 1:
+        raise EvalError("backend: lm-eval runs in one process here; use backend=ours on several processes (it "
+                        "scores multiple choice as lm-eval does, tests/unlearn/test_eval_lmeval.py) or run one process")
+
+
 def evaluate_model(
     model: ModelSpec,
     benchmark: str,
@@ -275,7 +285,7 @@ def evaluate_model(
     the multiple-choice accuracies come from lm-evaluation-harness itself."""
     from unlearn.benchmarks import load_benchmark
 
-    check_choice("backend", backend, BACKENDS)
+    check_backend(backend)
     check_positive("batch_size", batch_size)
     if max_samples is not None:
         check_positive("max_samples", max_samples)
@@ -308,7 +318,7 @@ def evaluate_model(
                       "models": dict(bench.models)},
         "config": {"backend": backend, "metrics": wanted, "max_samples": max_samples, "batch_size": batch_size,
                    "seed": seed, "retrain": asdict(retrain) if retrain else None},
-        "environment": environment(model.device) | {"eval_versions": _versions()},
+        "environment": environment(model.device) | {"eval_versions": _versions(), "processes": world().size},
         "retrain_privleak_auc": retrain_auc,
         "metrics": {n: values[n] for n in metric_names() if n in values},
         "wall_s": time.perf_counter() - start,
