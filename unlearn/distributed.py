@@ -208,14 +208,19 @@ def gather(obj: Any) -> Any:
 
 
 def scatter_optimizer_state(state: dict[str, Any], params: Sequence[Tensor]) -> dict[str, Any]:
-    """An optimizer state dict of whole tensors, with each sharded parameter's state cut as that
-    parameter is sharded (the state of parameter i is keyed i, as `Optimizer.state_dict` does)."""
+    """An optimizer state dict of whole tensors, with each sharded parameter's state sharded as that
+    parameter is (a DTensor, as the optimizer keeps it; the state of parameter i is keyed i, as
+    `Optimizer.state_dict` does)."""
+
+    def like(v: Any, p: Tensor) -> Any:
+        if not (is_sharded(p) and isinstance(v, Tensor) and v.shape == p.shape):
+            return v
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+
     out = dict(state)
-    out["state"] = {
-        i: {k: shard_like(v, params[int(i)]) if isinstance(v, Tensor) and v.shape == params[int(i)].shape else v
-            for k, v in entry.items()}
-        for i, entry in state["state"].items()
-    }
+    out["state"] = {i: {k: like(v, params[int(i)]) for k, v in entry.items()} for i, entry in state["state"].items()}
     return out
 
 

@@ -75,3 +75,25 @@ def test_toy_sweep_covers_every_objective_and_smoother_with_three_seeds():
     objectives = [name for name in OBJECTIVES.names() if name != "nll"]
     assert pairs == {(o, s) for o in objectives for s in ("none", "sam", "rs")}
     assert len(cfg.seeds) == 3 and cfg.benchmark == "toy" and cfg.device == "cpu"
+
+
+def test_the_four_gpu_wmdp_config_is_the_one_gpu_config_without_gp():
+    """The same runs (the same numbers), with WA on the full weights, and what 4 processes cannot run left out."""
+    from shared.config import ConfigError
+    from unlearn.distributed import World, check_world
+
+    one, four = (load_run_config(next(p for p in CONFIGS if p.stem == stem)) for stem in ("wmdp_zephyr", "wmdp_zephyr_fsdp4"))
+    labels = {cfg.method_label(i): cfg.method_config(i, 0) for cfg in (one,) for i in range(len(cfg.methods))}
+    mine = {four.method_label(i): four.method_config(i, 0) for i in range(len(four.methods))}
+    assert set(mine) == set(labels) - {"npo+gp"}
+    for label, method in mine.items():
+        if label != "npo+wa":
+            assert method == labels[label], label
+    assert not mine["npo+wa"].lora and mine["npo+wa"].lr == 5.5e-6
+    assert (four.relearn, four.eval, four.dtype) == (one.relearn, one.eval, one.dtype)
+    text = next(p for p in CONFIGS if p.stem == "wmdp_zephyr_fsdp4").read_text()
+    assert "GPU memory per GPU" in text and "--nproc 4" in text
+    for method in [*mine.values(), four.relearn.train_config(0)]:
+        check_world(method, World(0, 4))
+        with pytest.raises(ConfigError, match="batch_size: 4 rows per micro-batch cannot be shared evenly by 8"):
+            check_world(method, World(0, 8))
