@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from shared.config import ConfigError
 from shared.runio import RunDir
-from shared.sam.shards import any_sharded, is_sharded, shard_like
+from shared.sam.shards import any_sharded, is_sharded
 
 T = TypeVar("T")
 
@@ -139,15 +139,20 @@ def check_world(cfg: Any, w: World) -> None:
         raise ConfigError(f"smoother: {cfg.smoother} on {w.size} processes: {UNSHARDABLE[cfg.smoother]}")
     if cfg.batch_size % w.size:
         fits = [k for k in range(1, cfg.batch_size + 1) if cfg.batch_size % k == 0]
-        raise ConfigError(f"batch_size: {cfg.batch_size} rows per micro-batch cannot be shared evenly by {w.size} "
-                          f"processes; use a multiple of {w.size}, or {', '.join(map(str, fits))} processes (--nproc)")
+        raise ConfigError(f"batch_size: {_count(cfg.batch_size, 'row')} per micro-batch cannot be shared evenly by "
+                          f"{w.size} processes; use a multiple of {w.size}, or {', '.join(map(str, fits))} "
+                          f"process{'es' if fits != [1] else ''} (--nproc)")
 
 
 def check_split(field: str, count: int, w: World) -> None:
     """`count` rows (texts, samples) shared by `w.size` processes: at least one each."""
     if count < w.size:
-        raise ConfigError(f"{field}: {count} texts cannot be split over {w.size} processes; use at most {count} "
-                          "processes (--nproc)")
+        raise ConfigError(f"{field}: {_count(count, 'text')} cannot be split over {w.size} processes; use at most "
+                          f"{_count(count, 'process')} (--nproc)")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _units(model: nn.Module) -> list[nn.Module]:

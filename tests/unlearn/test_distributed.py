@@ -154,5 +154,5 @@ def test_bf16_on_two_processes_is_one_process_bf16_to_its_precision(two: dict[st
 
 def test_what_two_processes_cannot_run_is_refused(two: dict[str, Any]) -> None:
     assert two["gp"].startswith("smoother: gp on 2 processes: its penalty needs a double backward")
-    assert two["batch"] == ("batch_size: 1 rows per micro-batch cannot be shared evenly by 2 processes; use a "
-                            "multiple of 2, or 1 processes (--nproc)")
+    assert two["batch"] == ("batch_size: 1 row per micro-batch cannot be shared evenly by 2 processes; use a "
+                            "multiple of 2, or 1 process (--nproc)")

@@ -22,7 +22,7 @@ from unlearn.launch import check_nproc, without_nproc
 def samsuite(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The command line in a fresh interpreter (the processes of --nproc write to its stdout)."""
     return subprocess.run([sys.executable, "-m", "experiments.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def test_each_process_runs_the_command_without_nproc() -> None:
@@ -43,12 +43,12 @@ def test_what_keeps_processes_from_starting(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("extra, message", [
     ({"unlearn": {"objective": "npo", "lr": 1e-3, "steps": 2, "batch_size": 3}},
-     "error: methods[0].batch_size: 3 rows per micro-batch cannot be shared evenly by 2 processes; use a multiple "
-     "of 2, or 1, 3 processes (--nproc)"),
+     ("error: methods[0].batch_size: 3 rows per micro-batch cannot be shared evenly by 2 processes; use a multiple "
+      "of 2, or 1, 3 processes (--nproc)")),
     ({"methods": [{"objective": "npo", "smoother": "gp"}]},
      "error: methods[0].smoother: gp on 2 processes: its penalty needs a double backward"),
-    ({"relearn": {"n_samples": 1, "batch_size": 2}}, "error: relearn.n_samples: 1 texts cannot be split over 2 "
-                                                     "processes; use at most 1 processes (--nproc)"),
+    ({"relearn": {"n_samples": 1, "batch_size": 2}},
+     "error: relearn.n_samples: 1 text cannot be split over 2 processes; use at most 1 process (--nproc)"),
 ])
 def test_what_the_processes_cannot_share_is_refused_before_any_work(
     unlearn_bench: Path, tmp_path: Path, capsys: pytest.CaptureFixture, extra: dict[str, Any], message: str
@@ -111,3 +111,22 @@ def test_run_on_two_processes_gives_the_one_process_results(unlearn_bench: Path,
     assert again.returncode == 0, again.stderr
     assert {p: p.stat().st_mtime_ns for p in before} == before  # no stage ran again
     assert records("two") == got
+
+
+@pytest.mark.slow
+def test_prepare_on_two_processes_builds_the_one_process_models(tmp_path: Path) -> None:
+    """The tokenizer trained once (rank 0) for both processes, the models trained sharded and saved whole."""
+    from suite_fixtures import TINY_MODEL
+
+    one = samsuite("unlearn", "prepare", "--out", str(tmp_path / "one"), *TINY_MODEL, "epochs=1")
+    two = samsuite("unlearn", "prepare", "--out", str(tmp_path / "two"), *TINY_MODEL, "epochs=1", "--nproc", "2")
+    assert one.returncode == two.returncode == 0, two.stderr
+    got, want = (json.loads((tmp_path / n / "prepare.json").read_text()) for n in ("two", "one"))
+    assert got["settings"] == want["settings"] and got["vocab_size"] == want["vocab_size"]
+    for name in ("target", "retrain"):
+        for key in ("texts", "steps", "params"):
+            assert got["models"][name][key] == want["models"][name][key]
+        for key in ("last_step_loss", "forget_nll", "retain_nll"):
+            assert got["models"][name][key] == pytest.approx(want["models"][name][key], rel=1e-4), (name, key)
+    assert (tmp_path / "two" / "target" / "model.safetensors").is_file()
+    assert got["environment"]["processes"] == 2
