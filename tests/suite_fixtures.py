@@ -15,6 +15,32 @@ from shared.runio import RunDir
 
 TIMING = ("compute_s", "round_s", "time_s", "step_time_s")
 
+
+# ------------------------------------------------------------------ several processes
+def _gloo_main(rank: int, world: int, folder: str, worker: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    import pickle
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    results = worker(rank, *args)
+    if rank == 0:
+        Path(folder, "out.pkl").write_bytes(pickle.dumps(results))
+    dist.destroy_process_group()
+
+
+def on_gloo(worker: Callable[..., Any], world: int, folder: Path, *args: Any) -> Any:
+    """`worker(rank, *args)` on `world` CPU processes in one gloo group (meeting through a file in
+    `folder`); what rank 0's call returned. `worker` must be a module-level function (it is pickled)."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_main, args=(world, str(folder), worker, args), nprocs=world, join=True)
+    return pickle.loads((folder / "out.pkl").read_bytes())
+
 TINY_MODEL = ["tiny.vocab_size=320", "tiny.hidden_size=16", "tiny.intermediate_size=32", "tiny.num_hidden_layers=2",
               "tiny.num_attention_heads=2", "tiny.max_length=96", "epochs=2", "batch_size=8", "warmup_steps=0",
               "max_length=96"]

@@ -8,14 +8,12 @@ full tensors, for even, uneven and replicated placements, and the members that r
 
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from suite_fixtures import on_gloo
 from torch import nn
 
 from shared import Batch, build_optimizer, member_backward
@@ -64,13 +62,11 @@ def train(model: nn.Module, member: str, base: str, options: dict[str, Any], ran
     return model
 
 
-def _worker(rank: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
+def _worker(rank: int) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
     results: dict[str, Any] = {}
     for member, base, options in MEMBERS:
@@ -99,16 +95,13 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         results["tram"] = "accepted"
     except ValueError as err:
         results["tram"] = str(err)
-    if rank == 0:
-        Path(out).write_bytes(pickle.dumps(results))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("shards")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "out.pkl")), nprocs=WORLD, join=True)
-    return pickle.loads((tmp / "out.pkl").read_bytes())
+    return on_gloo(_worker, WORLD, tmp)
 
 
 @pytest.mark.parametrize(("member", "base", "options"), MEMBERS, ids=[f"{m}-{b}" for m, b, _ in MEMBERS])

@@ -11,14 +11,13 @@ its own rows before the ranks' caches are summed, so the other rows added whatev
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from suite_fixtures import on_gloo
 from train_fixtures import FORGET, RETAIN, tiny_llama, tiny_tokenizer
 
 from shared.config import ConfigError
@@ -67,11 +66,9 @@ def train(name: str, run_dir: Path | None = None, eval_fn: Any = None, dtype: to
     return {n: full(p).detach().clone() for n, p in model.named_parameters()}, summary
 
 
-def _worker(rank: int, init_file: str, out: str, run_root: str) -> None:
+def _worker(rank: int, run_root: str) -> dict[str, Any]:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     results: dict[str, Any] = {}
     for name in RUNS:
         params, summary = train(name, Path(run_root) / name)
@@ -97,16 +94,13 @@ def _worker(rank: int, init_file: str, out: str, run_root: str) -> None:
         train("npo", batch_size=1)  # 1 row per micro-batch cannot be shared by 2 processes
     except ConfigError as err:
         results["batch"] = str(err)
-    if rank == 0:
-        Path(out).write_bytes(pickle.dumps(results))
-    dist.destroy_process_group()
+    return results
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "out.pkl"), str(tmp / "runs")), nprocs=WORLD, join=True)
-    return {**pickle.loads((tmp / "out.pkl").read_bytes()), "runs": tmp / "runs"}
+    return {**on_gloo(_worker, WORLD, tmp, str(tmp / "runs")), "runs": tmp / "runs"}
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:

@@ -8,13 +8,11 @@ One spawn of 2 processes (a few seconds), so the file is in the default run."""
 from __future__ import annotations
 
 import json
-import pickle
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from suite_fixtures import on_gloo
 
 from unlearn.benchmarks.toy import build_toy
 from unlearn.eval import available_metrics, evaluate
@@ -48,28 +46,21 @@ def run_all(model: Any, tok: Any) -> dict[str, Any]:
             "generated": greedy_generate(model, tok, PROMPTS, max_new_tokens=12, batch_size=2)}
 
 
-def _worker(rank: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
+def _worker(rank: int, saved: str) -> dict[str, Any]:
     from unlearn.distributed import save_model, shard_model, world
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
     model, tok = model_and_tokenizer()
     results = {"whole": run_all(model, tok)}
     shard_model(model, world())
     results["sharded"] = run_all(model, tok)
-    save_model(model, tok, Path(out).parent / "saved")
-    if rank == 0:
-        Path(out).write_bytes(pickle.dumps(results))
-    dist.destroy_process_group()
+    save_model(model, tok, saved)
+    return results
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("dist-eval")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "out.pkl")), nprocs=WORLD, join=True)
-    return {**pickle.loads((tmp / "out.pkl").read_bytes()), "saved": tmp / "saved"}
+    return {**on_gloo(_worker, WORLD, tmp, str(tmp / "saved")), "saved": tmp / "saved"}
 
 
 @pytest.fixture(scope="module")
