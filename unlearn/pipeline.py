@@ -179,6 +179,17 @@ class RunConfig:
                 raise
             raise ConfigError(f"methods[{i}].{err}") from None
 
+    def baselines(self) -> dict[str, str]:
+        """Each smoothed method's plain counterpart: the first method with its objective and no smoother."""
+        settings = [self.method_config(i, self.seeds[0]) for i in range(len(self.methods))]
+        out = {}
+        for i, cfg in enumerate(settings):
+            plain = next((j for j, other in enumerate(settings) if other.objective == cfg.objective
+                          and other.smoother == "none"), None)
+            if cfg.smoother != "none" and plain is not None:
+                out[self.method_label(i)] = self.method_label(plain)
+        return out
+
     def unit_relearn(self, seed: int) -> RelearnConfig:
         """The attack on the models of `seed`: the same draws for every method."""
         from shared.seeding import derive_seed
@@ -472,6 +483,7 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
     stage_bars(path / "bars.png", methods, refs, ctx.metrics, title)
     relearn_curves(path / "relearn_curves.png", {label: m["curve"] for label, m in methods.items()}, refs, curve,
                    f"Relearning attack: {cfg.relearn.n_samples or 'all'} forget samples, {cfg.relearn.draws} draw(s) per seed")
+    resilience = _resilience(ctx, references, units, curve)
     summary = {
         "name": cfg.name,
         "config": to_dict(cfg),
@@ -482,6 +494,7 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
         "retrain_privleak_auc": ctx.retrain_auc,
         "prepare": prepared,
         "methods": methods,
+        "resilience": resilience,
         "units": units,
         "table": rows,
         "time_s": round(time.perf_counter() - start, 1),
@@ -498,6 +511,36 @@ def check_pipeline(cfg: RunConfig, w: World | None = None) -> Any:
     bench = _benchmark(cfg)
     check_run(cfg, bench, w)
     return bench
+
+
+def _resilience(ctx: _Run, references: Mapping[str, Any], units: list[dict[str, Any]], curve: list[str]
+                ) -> dict[str, Any]:
+    """The relearning summaries (`unlearn.summaries`): per method, and smoothed - plain paired over
+    (seed, draw); written as resilience.csv/.md and paired.csv/.md."""
+    from shared.report import write_table
+    from unlearn.summaries import SUMMARIES, method_summaries, paired_summaries, unit_summaries
+
+    summaries = unit_summaries(units, references["target"]["metrics"], curve)
+    per_method = method_summaries(summaries, curve)
+    paired = paired_summaries(summaries, ctx.cfg.baselines(), curve)
+    def cell(stat: Mapping[str, Any]) -> str:
+        return _fmt(stat if stat["mean"] is not None else None)
+
+    rows = [{"method": label, **{f"{m} {name}": cell(per_method[label][name][m]) for name in SUMMARIES for m in curve}}
+            for label in per_method]
+    write_table(ctx.run.path / "resilience", rows,
+                title="After the relearning attack, over seeds and draws: AUC of each forget curve (its mean over the "
+                      "steps), recovery (after - unlearned) / (target - unlearned), final value")
+    if paired:
+        def interval(row: Mapping[str, Any]) -> str:
+            return "" if row["ci_low"] is None else f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+
+        write_table(ctx.run.path / "paired", [
+            {"comparison": f"{r['method']} - {r['baseline']}", "summary": r["summary"], "metric": r["metric"],
+             "pairs": str(r["n"]), "mean difference": f"{r['mean']:+.3f}", "95% CI": interval(r),
+             "p": "" if r["p_value"] is None else f"{r['p_value']:.3g}"} for r in paired
+        ], title="Smoothed - plain, paired over (seed, draw): negative = less came back with the smoother")
+    return {"methods": per_method, "paired": paired, "pairs": ctx.cfg.baselines()}
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:

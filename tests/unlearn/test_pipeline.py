@@ -62,6 +62,27 @@ def test_writes_every_result_file(finished):
     assert "| model | seeds | forget_acc |" in md and "forget_acc after relearning" in md
 
 
+def test_the_relearning_summaries_pair_each_smoother_with_its_plain_method(finished):
+    """AUC, recovery and final value per method, and npo+sam - npo paired over the seed's 2 draws,
+    recomputed here from the recorded curves."""
+    from unlearn.summaries import curve_auc
+
+    cfg, summary = finished
+    run = Path(cfg.out_dir) / cfg.name
+    resilience = summary["resilience"]
+    assert resilience["pairs"] == {"npo+sam": "npo"}
+    metric = summary["curve_metrics"][0]
+    units = {u["method"]: u for u in summary["units"]}
+    aucs = {m: [curve_auc(d["curve"], metric) for d in units[m]["draws"]] for m in ("npo", "npo+sam")}
+    row = next(r for r in resilience["paired"] if r["summary"] == "auc" and r["metric"] == metric)
+    assert row["n"] == cfg.relearn.draws == 2
+    assert row["mean"] == pytest.approx(sum(a - b for a, b in zip(aucs["npo+sam"], aucs["npo"])) / 2)
+    assert resilience["methods"]["npo"]["auc"][metric]["mean"] == pytest.approx(sum(aucs["npo"]) / 2)
+    for name in ("resilience", "paired"):
+        assert (run / f"{name}.csv").is_file() and (run / f"{name}.md").is_file()
+    assert "npo+sam - npo" in (run / "paired.md").read_text()
+
+
 def test_recorded_values_are_those_of_the_saved_models(finished):
     cfg, summary = finished
     run = Path(cfg.out_dir) / cfg.name
