@@ -54,6 +54,7 @@ from unlearn.relearn import (
 from unlearn.train import UnlearnConfig, unlearn
 
 REFERENCES = ("target", "retrain")
+PRIMARY = "relearn"  # the `relearn` section's attack (its files keep the names they had before `attacks`)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -126,6 +127,10 @@ class RunConfig:
     )
     seeds: list[int] = field(default_factory=lambda: [0])
     relearn: RelearnConfig = field(default_factory=_demo_relearn)
+    attacks: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={
+        "help": "further attacks, name -> RelearnConfig settings laid over `relearn` (a section replaces its "
+                "counterpart whole), e.g. {lora: {lr: 2.0e-4, options: {lora: true, lora_r: 128, lora_alpha: 16}}, "
+                "unrelated: {data: retain, n_samples: 10}}"})
     eval: EvalSettings = field(default_factory=EvalSettings)
     # run
     keep_models: bool = field(default=True, metadata={"help": "keep each unlearned model after its relearning"})
@@ -153,6 +158,11 @@ class RunConfig:
             if not label or "/" in label or label.startswith("."):
                 raise ConfigError(f"methods[{i}].label: '{label}' cannot name a folder")
             self.method_config(i, self.seeds[0])  # every method's settings are checked before any work
+        for name in self.attacks:
+            if name == PRIMARY or not name or "/" in name or name.startswith("."):
+                raise ConfigError(f"attacks.{name}: not an attack name ('{PRIMARY}' is the `relearn` section's; "
+                                  "a name must be able to name a folder)")
+            self.unit_relearn(self.seeds[0], name)
 
     def method_label(self, i: int) -> str:
         method = self.methods[i]
@@ -190,12 +200,17 @@ class RunConfig:
                 out[self.method_label(i)] = self.method_label(plain)
         return out
 
-    def unit_relearn(self, seed: int) -> RelearnConfig:
-        """The attack on the models of `seed`: the same draws for every method."""
+    def attack_names(self) -> list[str]:
+        return [PRIMARY, *self.attacks]
+
+    def unit_relearn(self, seed: int, attack: str = PRIMARY) -> RelearnConfig:
+        """Attack `attack` on the models of `seed`: the same draws for every method."""
         from shared.seeding import derive_seed
 
-        return from_dict(RelearnConfig, {**to_dict(self.relearn), "seed": derive_seed(self.relearn.seed, seed) % 2**31},
-                         "relearn")
+        where = "relearn" if attack == PRIMARY else f"attacks.{attack}"
+        extra = self.attacks[attack] if attack != PRIMARY else {}
+        settings = {**to_dict(self.relearn), **extra, "seed": derive_seed(self.relearn.seed, seed) % 2**31}
+        return from_dict(RelearnConfig, settings, where)
 
 
 def load_run_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -290,11 +305,15 @@ def check_run(cfg: RunConfig, bench: Any, w: World | None = None) -> None:
     if missing:
         why = " (privleak needs a retrained model: set retrain=)" if PRIVLEAK in missing and retrain is None else ""
         raise ConfigError(f"eval.metrics: {bench.name} cannot compute {missing}{why}; it has: {', '.join(available)}")
-    curve_metrics(bench, cfg.relearn.metrics, wanted)
-    try:
-        draw_samples(len(bench.corpora["forget"]), cfg.relearn.n_samples, 0, 0)
-    except ConfigError as err:
-        raise ConfigError(f"relearn.{err}") from None
+    for attack, where, rcfg in _attacks(cfg):
+        curve_metrics(bench, rcfg.metrics, wanted)
+        if rcfg.data not in bench.corpora:
+            raise ConfigError(f"{where}.data: {bench.name} has no '{rcfg.data}' corpus to fine-tune on; it has: "
+                              f"{', '.join(bench.corpora)}")
+        try:
+            draw_samples(len(bench.corpora[rcfg.data]), rcfg.n_samples, 0, 0)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.{err}") from None
     _check_world(cfg, bench, w or world())
     if _prepares(cfg):
         from unlearn.prepare import check_settings
@@ -306,6 +325,12 @@ def check_run(cfg: RunConfig, bench: Any, w: World | None = None) -> None:
             check_model_spec(retrain, "retrain")
 
 
+def _attacks(cfg: RunConfig) -> list[tuple[str, str, RelearnConfig]]:
+    """(name, config section, settings) of every attack, for the first seed (what the checks need)."""
+    return [(a, "relearn" if a == PRIMARY else f"attacks.{a}", cfg.unit_relearn(cfg.seeds[0], a))
+            for a in cfg.attack_names()]
+
+
 def _check_world(cfg: RunConfig, bench: Any, w: World) -> None:
     if w.size == 1:
         return
@@ -314,14 +339,15 @@ def _check_world(cfg: RunConfig, bench: Any, w: World) -> None:
             check_world(cfg.method_config(i, cfg.seeds[0]), w)
         except ConfigError as err:
             raise ConfigError(f"methods[{i}].{err}") from None
-    try:
-        check_world(cfg.relearn.train_config(0), w)
-    except ConfigError as err:
-        raise ConfigError(f"relearn.{err}") from None
+    for _, where, rcfg in _attacks(cfg):
+        try:
+            check_world(rcfg.train_config(0), w)
+        except ConfigError as err:
+            raise ConfigError(f"{where}.{err}") from None
+        check_split(f"{where}.n_samples", rcfg.n_samples or len(bench.corpora[rcfg.data]), w)
     check_split("forget", len(bench.corpora["forget"]), w)
     if "retain" in bench.corpora:
         check_split("retain", len(bench.corpora["retain"]), w)
-    check_split("relearn.n_samples", cfg.relearn.n_samples or len(bench.corpora["forget"]), w)
     if _prepares(cfg):
         from unlearn.prepare import check_settings
 
@@ -373,8 +399,14 @@ def _bench_key(cfg: RunConfig) -> dict[str, Any]:
     return {"benchmark": cfg.benchmark, "seed": cfg.benchmark_seed, "subsets": cfg.subsets, "paths": cfg.paths}
 
 
-def _unit(ctx: _Run, i: int, seed: int, forget: list[str], retain: list[str]) -> dict[str, Any]:
-    """Method i with `seed`: unlearn and evaluate, then relearn (each stage skipped when done)."""
+def _attack_paths(folder: Path, attack: str) -> tuple[Path, Path]:
+    """The attack's result file and folder: relearned.json and relearn/ for the `relearn` section's."""
+    suffix = "" if attack == PRIMARY else f"-{attack}"
+    return folder / f"relearned{suffix}.json", folder / f"relearn{suffix}"
+
+
+def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
+    """Method i with `seed`: unlearn and evaluate, then every attack (each stage skipped when done)."""
     cfg = ctx.cfg
     label = cfg.method_label(i)
     folder = ctx.run.path / label / f"seed{seed}"
@@ -383,18 +415,22 @@ def _unit(ctx: _Run, i: int, seed: int, forget: list[str], retain: list[str]) ->
     settings = {k: v for k, v in to_dict(ucfg).items() if k != "resume"}  # how the run goes on, not what it computes
     key = {"unlearn": settings, "model": target, "metrics": ctx.metrics, "eval": to_dict(cfg.eval),
            "benchmark": _bench_key(cfg), "retrain_auc": ctx.retrain_auc}
-    rcfg = cfg.unit_relearn(seed)
-    curve = curve_metrics(ctx.bench, rcfg.metrics, ctx.metrics)
-    relearn_key = {"relearn": to_dict(rcfg), "metrics": curve, "eval": to_dict(cfg.eval)}
+    attacks = {}
+    for attack in cfg.attack_names():
+        rcfg = cfg.unit_relearn(seed, attack)
+        curve = curve_metrics(ctx.bench, rcfg.metrics, ctx.metrics)
+        attacks[attack] = (rcfg, curve, {"relearn": to_dict(rcfg), "metrics": curve, "eval": to_dict(cfg.eval)})
     unlearned = ctx.stage(folder / "unlearned.json", key)
-    relearned = ctx.stage(folder / "relearned.json", relearn_key) if unlearned is not None else None
-    fresh = False  # unlearned now (not read back): its relearning must run again too
+    done = {a: ctx.stage(_attack_paths(folder, a)[0], k) if unlearned is not None else None
+            for a, (_, _, k) in attacks.items()}
+    fresh = False  # unlearned now (not read back): its attacks must run again too
     saved = on_main(lambda: (folder / "model" / "config.json").is_file(), ctx.w)
-    if unlearned is not None and relearned is None and not saved:
-        unlearned = None  # the model was removed (keep_models=false) and the attack must run again
+    if unlearned is not None and None in done.values() and not saved:
+        unlearned = None  # the model was removed (keep_models=false) and an attack must run again
     if unlearned is None:
         model, tokenizer = ctx.load(target)
-        summary = unlearn(model, tokenizer, forget, retain, ucfg, run_dir=folder / "train")
+        summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
+                          run_dir=folder / "train")
         values = ctx.evaluate(model, tokenizer)
         save_model(model, tokenizer, folder / "model", ctx.w)
         del model
@@ -404,41 +440,56 @@ def _unit(ctx: _Run, i: int, seed: int, forget: list[str], retain: list[str]) ->
         unlearned = {"key": key, "method": label, "seed": seed, "metrics": values,
                      "train": {k: summary[k] for k in ("steps", "time_s", "step_time_s", "trainable_params", "final")}}
         ctx.write(folder / "unlearned.json", unlearned)
-        relearned, fresh = None, True
+        done, fresh = dict.fromkeys(attacks), True
     ctx.log("unlearned", unlearned["metrics"], method=label, seed=seed)
-    if relearned is None:
-        # the attack starts from the saved model (on several processes the unlearned one is sharded)
-        model, tokenizer = ctx.load(str(folder / "model"))
-        eval_fn = benchmark_eval_fn(tokenizer, ctx.bench, curve, max_samples=cfg.eval.max_samples,
-                                    batch_size=cfg.eval.batch_size)
-        result = relearn(model, tokenizer, forget, rcfg, eval_fn=eval_fn, run_dir=folder / "relearn",
-                         resume=cfg.resume and not fresh)
-        relearned = {"key": relearn_key, "method": label, "seed": seed, "curve": result["curve"],
-                     "final": result["final"], "draws": [{k: d[k] for k in ("draw", "samples", "curve", "final_loss")}
-                                                         for d in result["draws"]]}
-        ctx.write(folder / "relearned.json", relearned)
-        del model
-    for row in relearned["curve"]:
-        ctx.log("relearn", {k: v for k, v in row.items() if k != "step"}, method=label, seed=seed, step=row["step"])
+    model = tokenizer = None
+    for attack, (rcfg, curve, attack_key) in attacks.items():
+        path, run_dir = _attack_paths(folder, attack)
+        if done[attack] is None:
+            if model is None:  # the attacks start from the saved model (on several processes the unlearned one
+                model, tokenizer = ctx.load(str(folder / "model"))  # is sharded); each restores it when done
+            eval_fn = benchmark_eval_fn(tokenizer, ctx.bench, curve, max_samples=cfg.eval.max_samples,
+                                        batch_size=cfg.eval.batch_size)
+            result = relearn(model, tokenizer, list(ctx.bench.corpora[rcfg.data]["text"]), rcfg, eval_fn=eval_fn,
+                             run_dir=run_dir, resume=cfg.resume and not fresh)
+            done[attack] = {"key": attack_key, "method": label, "seed": seed, "attack": attack, "curve": result["curve"],
+                            "final": result["final"],
+                            "draws": [{k: d[k] for k in ("draw", "samples", "curve", "final_loss")}
+                                      for d in result["draws"]]}
+            ctx.write(path, done[attack])
+        for row in done[attack]["curve"]:
+            ctx.log("relearn", {k: v for k, v in row.items() if k != "step"}, method=label, seed=seed,
+                    step=row["step"], **({} if attack == PRIMARY else {"attack": attack}))
+    del model
     if not cfg.keep_models and ctx.w.main and (folder / "model").is_dir():
         shutil.rmtree(folder / "model")
-    return {"method": label, "seed": seed, "unlearned": unlearned["metrics"], "relearned": relearned["final"],
-            "curve": relearned["curve"], "draws": relearned["draws"], "train": unlearned["train"]}
+    primary = done[PRIMARY]
+    return {"method": label, "seed": seed, "unlearned": unlearned["metrics"], "relearned": primary["final"],
+            "curve": primary["curve"], "draws": primary["draws"], "train": unlearned["train"],
+            "attacks": {a: {k: done[a][k] for k in ("final", "curve", "draws")} for a in attacks}}
 
 
 # ---------------------------------------------------------------------------------------------- results
 def aggregate(units: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: seeds, {"mean", "std" (None for one seed)} over seeds of every metric after
     unlearning and after relearning (each seed's relearning value is already the mean over its
-    draws), and the relearning curve over all draws of all seeds."""
+    draws), and the relearning curve over all draws of all seeds; the same for each further attack
+    under "attacks"."""
+
+    def stats(values: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float | None]]:
+        names = [k for k in values[0] if not k.endswith("_std")]
+        return {m: dict(zip(("mean", "std"), mean_std([v[m] for v in values]))) for m in names}
+
     out: dict[str, dict[str, Any]] = {}
     for label in dict.fromkeys(u["method"] for u in units):
         mine = [u for u in units if u["method"] == label]
         entry: dict[str, Any] = {"seeds": [u["seed"] for u in mine]}
         for stage in ("unlearned", "relearned"):
-            names = [k for k in mine[0][stage] if not k.endswith("_std")]
-            entry[stage] = {m: dict(zip(("mean", "std"), mean_std([u[stage][m] for u in mine]))) for m in names}
+            entry[stage] = stats([u[stage] for u in mine])
         entry["curve"] = curve_stats([d["curve"] for u in mine for d in u["draws"]])
+        entry["attacks"] = {a: {"relearned": stats([u["attacks"][a]["final"] for u in mine]),
+                                "curve": curve_stats([d["curve"] for u in mine for d in u["attacks"][a]["draws"]])}
+                            for a in mine[0].get("attacks", {}) if a != PRIMARY}
         out[label] = entry
     return out
 
@@ -455,17 +506,23 @@ RELEARNED = " after relearning"
 
 
 def table_rows(references: Mapping[str, Mapping[str, Any]], methods: Mapping[str, Mapping[str, Any]],
-               metrics: Sequence[str], curve: Sequence[str]) -> list[dict[str, str]]:
+               metrics: Sequence[str], curve: Sequence[str], extra: Mapping[str, Sequence[str]] | None = None
+               ) -> list[dict[str, str]]:
     """The results table: the reference models, then one row per method (mean ± std over seeds):
-    every metric after unlearning, then the curve metrics after relearning."""
+    every metric after unlearning, the curve metrics after relearning, then after each further attack
+    (`extra`: attack -> its curve metrics)."""
+    extra = extra or {}
     rows = []
     for name, ref in references.items():
         rows.append({"model": name, "seeds": "", **{m: _fmt(ref["metrics"].get(m)) for m in metrics},
-                     **{m + RELEARNED: "" for m in curve}})
+                     **{m + RELEARNED: "" for m in curve},
+                     **{f"{m} after {a}": "" for a, names in extra.items() for m in names}})
     for label, entry in methods.items():
         rows.append({"model": label, "seeds": str(len(entry["seeds"])),
                      **{m: _fmt(entry["unlearned"].get(m)) for m in metrics},
-                     **{m + RELEARNED: _fmt(entry["relearned"].get(m)) for m in curve}})
+                     **{m + RELEARNED: _fmt(entry["relearned"].get(m)) for m in curve},
+                     **{f"{m} after {a}": _fmt(entry["attacks"][a]["relearned"].get(m))
+                        for a, names in extra.items() for m in names}})
     return rows
 
 
@@ -478,12 +535,17 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
     methods = aggregate(units)
     refs = {name: r["metrics"] for name, r in references.items()}
     title = f"{cfg.benchmark}: {', '.join(methods)} ({len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})"
-    rows = table_rows(references, methods, ctx.metrics, curve)
+    curves = {a: curve_metrics(ctx.bench, rcfg.metrics, ctx.metrics) for a, _, rcfg in _attacks(cfg)}
+    rows = table_rows(references, methods, ctx.metrics, curve, {a: c for a, c in curves.items() if a != PRIMARY})
     write_table(path / "results", rows, title=title)
     stage_bars(path / "bars.png", methods, refs, ctx.metrics, title)
-    relearn_curves(path / "relearn_curves.png", {label: m["curve"] for label, m in methods.items()}, refs, curve,
-                   f"Relearning attack: {cfg.relearn.n_samples or 'all'} forget samples, {cfg.relearn.draws} draw(s) per seed")
-    resilience = _resilience(ctx, references, units, curve)
+    for attack, where, rcfg in _attacks(cfg):
+        primary = attack == PRIMARY
+        relearn_curves(path / ("relearn_curves.png" if primary else f"relearn_curves-{attack}.png"),
+                       {label: m["curve"] if primary else m["attacks"][attack]["curve"] for label, m in methods.items()},
+                       refs, curves[attack], f"{'Relearning attack' if primary else f'Attack {attack}'}: "
+                       f"{rcfg.n_samples or 'all'} {rcfg.data} samples, {rcfg.draws} draw(s) per seed")
+    resilience = _resilience(ctx, references, units, curves)
     summary = {
         "name": cfg.name,
         "config": to_dict(cfg),
@@ -513,34 +575,42 @@ def check_pipeline(cfg: RunConfig, w: World | None = None) -> Any:
     return bench
 
 
-def _resilience(ctx: _Run, references: Mapping[str, Any], units: list[dict[str, Any]], curve: list[str]
-                ) -> dict[str, Any]:
-    """The relearning summaries (`unlearn.summaries`): per method, and smoothed - plain paired over
-    (seed, draw); written as resilience.csv/.md and paired.csv/.md."""
+def _resilience(ctx: _Run, references: Mapping[str, Any], units: list[dict[str, Any]],
+                curves: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The relearning summaries (`unlearn.summaries`) of every attack: per method, and smoothed - plain
+    paired over (seed, draw); written as resilience.csv/.md and paired.csv/.md."""
     from shared.report import write_table
     from unlearn.summaries import SUMMARIES, method_summaries, paired_summaries, unit_summaries
 
-    summaries = unit_summaries(units, references["target"]["metrics"], curve)
-    per_method = method_summaries(summaries, curve)
-    paired = paired_summaries(summaries, ctx.cfg.baselines(), curve)
     def cell(stat: Mapping[str, Any]) -> str:
         return _fmt(stat if stat["mean"] is not None else None)
 
-    rows = [{"method": label, **{f"{m} {name}": cell(per_method[label][name][m]) for name in SUMMARIES for m in curve}}
-            for label in per_method]
-    write_table(ctx.run.path / "resilience", rows,
-                title="After the relearning attack, over seeds and draws: AUC of each forget curve (its mean over the "
-                      "steps), recovery (after - unlearned) / (target - unlearned), final value")
-    if paired:
-        def interval(row: Mapping[str, Any]) -> str:
-            return "" if row["ci_low"] is None else f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+    def interval(row: Mapping[str, Any]) -> str:
+        return "" if row["ci_low"] is None else f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
 
-        write_table(ctx.run.path / "paired", [
-            {"comparison": f"{r['method']} - {r['baseline']}", "summary": r["summary"], "metric": r["metric"],
-             "pairs": str(r["n"]), "mean difference": f"{r['mean']:+.3f}", "95% CI": interval(r),
-             "p": "" if r["p_value"] is None else f"{r['p_value']:.3g}"} for r in paired
-        ], title="Smoothed - plain, paired over (seed, draw): negative = less came back with the smoother")
-    return {"methods": per_method, "paired": paired, "pairs": ctx.cfg.baselines()}
+    out: dict[str, Any] = {"pairs": ctx.cfg.baselines(), "attacks": {}}
+    rows, paired_rows = [], []
+    for attack, curve in curves.items():
+        draws = [{**u, "draws": u["attacks"][attack]["draws"]} for u in units]
+        summaries = unit_summaries(draws, references["target"]["metrics"], curve)
+        per_method = method_summaries(summaries, curve)
+        paired = paired_summaries(summaries, out["pairs"], curve)
+        out["attacks"][attack] = {"methods": per_method, "paired": paired}
+        rows += [{"attack": attack, "method": label,
+                  **{f"{m} {name}": cell(per_method[label][name][m]) for name in SUMMARIES for m in curve}}
+                 for label in per_method]
+        paired_rows += [{"attack": attack, "comparison": f"{r['method']} - {r['baseline']}", "summary": r["summary"],
+                         "metric": r["metric"], "pairs": str(r["n"]), "mean difference": f"{r['mean']:+.3f}",
+                         "95% CI": interval(r), "p": "" if r["p_value"] is None else f"{r['p_value']:.3g}"}
+                        for r in paired]
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    write_table(ctx.run.path / "resilience", [{c: row.get(c, "") for c in columns} for row in rows],
+                title="After each attack, over seeds and draws: AUC of each forget curve (its mean over the steps), "
+                      "recovery (after - unlearned) / (target - unlearned), final value")
+    if paired_rows:
+        write_table(ctx.run.path / "paired", paired_rows,
+                    title="Smoothed - plain, paired over (seed, draw): negative = less came back with the smoother")
+    return out
 
 
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
@@ -563,11 +633,10 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
                 p = cfg.prepare
                 prepared = prepare(p.out_dir, scale=p.scale, seed=cfg.benchmark_seed, overrides=p.overrides,
                                    device=ctx.device)
-            forget = list(bench.corpora["forget"]["text"])
             retain = list(bench.corpora["retain"]["text"]) if "retain" in bench.corpora else []
             references = _references(ctx)
             curve = curve_metrics(bench, cfg.relearn.metrics, ctx.metrics)
-            units = [_unit(ctx, i, seed, forget, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
+            units = [_unit(ctx, i, seed, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
             return on_main(lambda: _write_results(ctx, references, units, curve, start, prepared), w)
 
 

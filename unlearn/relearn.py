@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from torch import nn
@@ -49,8 +49,12 @@ OWN_FIELDS = ("objective", "smoother", "lr", "steps", "epochs", "batch_size", "g
 
 @dataclass
 class RelearnConfig:
-    """One relearning attack: `draws` fine-tunings on `n_samples` forget texts each."""
+    """One relearning attack: `draws` fine-tunings on `n_samples` texts each, of the forget corpus or
+    (`data`) of a corpus unrelated to it."""
 
+    data: Literal["forget", "retain", "holdout"] = field(default="forget", metadata={
+        "help": "the corpus fine-tuned on: forget (relearning), or retain / holdout texts unrelated to the forget set "
+                "(Lucki et al. 2024: a few unrelated examples bring most of it back)"})
     n_samples: int | None = field(default=60, metadata={"help": "forget texts per draw (WMDP: 20-60); None: all"})
     draws: int = field(default=3, metadata={"help": "independent sample draws, averaged"})
     lr: float = 1e-5
@@ -100,7 +104,7 @@ def draw_samples(pool_size: int, n: int | None, seed: int, draw: int) -> list[in
     if n is None:
         return list(range(pool_size))
     if n > pool_size:
-        raise ConfigError(f"n_samples: {n} is more than the {pool_size} texts of the forget set")
+        raise ConfigError(f"n_samples: {n} is more than the {pool_size} texts of the corpus it draws from")
     rng = np.random.default_rng(derive_seed(seed, "relearn-samples", draw))
     return [int(i) for i in rng.choice(pool_size, size=n, replace=False)]
 

@@ -14,7 +14,7 @@ from suite_fixtures import unlearn_settings
 from typer.testing import CliRunner
 
 from experiments.cli import app
-from shared.config import ConfigError, from_dict, to_dict
+from shared.config import ConfigError, apply_overrides, from_dict, to_dict
 from shared.runio import RunDir
 from unlearn import pipeline
 from unlearn.benchmarks import load_benchmark
@@ -69,8 +69,8 @@ def test_the_relearning_summaries_pair_each_smoother_with_its_plain_method(finis
 
     cfg, summary = finished
     run = Path(cfg.out_dir) / cfg.name
-    resilience = summary["resilience"]
-    assert resilience["pairs"] == {"npo+sam": "npo"}
+    assert summary["resilience"]["pairs"] == {"npo+sam": "npo"}
+    resilience = summary["resilience"]["attacks"]["relearn"]
     metric = summary["curve_metrics"][0]
     units = {u["method"]: u for u in summary["units"]}
     aucs = {m: [curve_auc(d["curve"], metric) for d in units[m]["draws"]] for m in ("npo", "npo+sam")}
@@ -196,6 +196,50 @@ def test_overrides_change_single_fields_of_the_demo():
     sam = cfg.method_config(1, seed=2)
     assert (sam.objective, sam.smoother, sam.seed, sam.lr) == ("npo", "sam", 2, 1e-4)
     assert cfg.unit_relearn(0).seed != cfg.unit_relearn(1).seed  # each seed its own relearning draws
+
+
+def test_further_attacks_lora_and_unrelated_data(bench_dir, tmp_path):
+    """`attacks`: a LoRA attack and one on retain texts (unrelated to the forget set), each with its own
+    files, curves, table columns and paired summaries; the `relearn` attack keeps its files."""
+    attacks = {"lora": {"lr": 1e-2, "options": {"lora": True, "lora_r": 4, "lora_alpha": 16.0,
+                                                 "lora_targets": ["q_proj", "v_proj", "down_proj"]}},
+               "unrelated": {"data": "retain", "n_samples": 3}}
+    cfg = from_dict(RunConfig, settings(bench_dir, tmp_path, attacks=attacks, methods=[
+        {"objective": "npo"}, {"objective": "npo", "smoother": "sam"}]))
+    summary = run_pipeline(cfg)
+    folder = tmp_path / cfg.name / "npo" / "seed0"
+    for attack in ("relearn", "lora", "unrelated"):
+        suffix = "" if attack == "relearn" else f"-{attack}"
+        record = json.loads((folder / f"relearned{suffix}.json").read_text())
+        assert record["attack"] == attack and len(record["draws"]) == cfg.relearn.draws
+        assert (folder / f"relearn{suffix}" / "relearn.json").is_file()
+        assert (tmp_path / cfg.name / ("relearn_curves.png" if attack == "relearn" else
+                                       f"relearn_curves-{attack}.png")).is_file()
+        assert summary["resilience"]["attacks"][attack]["paired"]
+    retain = set(load_benchmark(str(bench_dir)).corpora["retain"]["text"])
+    unrelated = json.loads((folder / "relearned-unrelated.json").read_text())
+    assert all(len(d["samples"]) == 3 for d in unrelated["draws"])
+    pool = json.loads((folder / "relearn-unrelated" / "relearn.json").read_text())["pool_size"]
+    assert pool == len(retain)
+    metric = summary["curve_metrics"][0]
+    assert f"{metric} after lora" in summary["table"][0] and f"{metric} after unrelated" in summary["table"][0]
+    # every attack starts from the same unlearned model: the curves' first points agree
+    unit = next(u for u in summary["units"] if u["method"] == "npo")
+    starts = {a: [d["curve"][0] for d in unit["attacks"][a]["draws"]] for a in unit["attacks"]}
+    assert starts["lora"] == starts["unrelated"] == starts["relearn"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("attacks={relearn: {lr: 0.1}}", "attacks.relearn: not an attack name"),
+    ("attacks={big: {data: holdout, n_samples: 999}}", r"attacks.big.n_samples: 999 is more than the \d+ texts"),
+    ("attacks={odd: {data: elsewhere}}", "attacks.odd.data: unknown value 'elsewhere'"),
+    ("attacks={lr: 0.1}", "attacks.lr: expected a mapping, got 0.1"),
+])
+def test_bad_attacks_are_refused_before_any_work(bench_dir, tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg = from_dict(RunConfig, apply_overrides(settings(bench_dir, tmp_path), [override]))
+        pipeline.check_run(cfg, pipeline._benchmark(cfg))
+    assert not (tmp_path / "small").exists()
 
 
 @pytest.mark.parametrize("override, message", [

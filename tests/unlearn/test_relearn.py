@@ -102,6 +102,23 @@ def test_each_draw_starts_from_the_unlearned_weights_and_the_model_comes_back(to
     assert result["final"] == {k: v for k, v in result["curve"][-1].items() if k != "step"}
 
 
+def test_the_lora_attack_leaves_the_unlearned_weights_untouched_between_draws(tok):
+    """The fine-tuning attack of Lucki et al. 2024 (LoRA on every projection): each draw merges its
+    adapters into the model, and the next draw starts from the unlearned weights again."""
+    model = tiny_llama(tok)
+    before = params_of(model)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    cfg = config(lr=1e-2, options={"lora": True, "lora_r": 8, "lora_alpha": 16.0, "lora_targets": targets})
+    result = relearn(model, tok, POOL, cfg, eval_fn=nll_eval(tok, POOL))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    starts = [d["curve"][0] for d in result["draws"]]
+    unlearned = nll_eval(tok, POOL)(model, 0)["nll"]
+    for start in starts:  # each draw's adapters start at B = 0 on the unlearned weights: the unlearned model's output
+        assert start["nll"] == pytest.approx(unlearned, abs=1e-12)
+    for draw in result["draws"]:
+        assert draw["curve"][-1]["nll"] < draw["curve"][0]["nll"]  # the adapters relearned
+
+
 def test_finished_draws_are_not_run_again(tok, tmp_path):
     model = tiny_llama(tok)
     cfg = config(draws=1, steps=2)
