@@ -31,17 +31,19 @@ import json
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from shared.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from shared.errors import RunError
 from shared.runio import RunDir, check_run_name, environment, read_result, write_json
 from shared.threads import torch_threads
 from shared.validate import check_choice, check_device
 from unlearn.distributed import World, check_split, check_world, claim_on_main, on_main, save_model, world
+from unlearn.matched import MatchedSettings, check_validation, choose_budget, validation_view
 from unlearn.relearn import (
     RelearnConfig,
     benchmark_eval_fn,
@@ -132,6 +134,9 @@ class RunConfig:
                 "counterpart whole), e.g. {lora: {lr: 2.0e-4, options: {lora: true, lora_r: 128, lora_alpha: 16}}, "
                 "unrelated: {data: retain, n_samples: 10}}"})
     eval: EvalSettings = field(default_factory=EvalSettings)
+    matched: MatchedSettings | None = field(default=None, metadata={
+        "help": "matched efficacy: each method's unlearning steps calibrated on the validation split "
+                "(unlearn.matched); null: the configured steps"})
     # run
     keep_models: bool = field(default=True, metadata={"help": "keep each unlearned model after its relearning"})
     # Small models run fastest on one thread, and on a busy 2-core machine two threads made the
@@ -232,6 +237,7 @@ class _Run:
     bench: Any = None
     metrics: list[str] = field(default_factory=list)
     retrain_auc: float | None = None
+    matched_target: float | None = None  # the forget efficacy the calibrations aim at (cfg.matched)
     w: World = field(default_factory=World)
 
     def stage(self, path: Path, key: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -314,6 +320,11 @@ def check_run(cfg: RunConfig, bench: Any, w: World | None = None) -> None:
             draw_samples(len(bench.corpora[rcfg.data]), rcfg.n_samples, 0, 0)
         except ConfigError as err:
             raise ConfigError(f"{where}.{err}") from None
+    if cfg.matched is not None:
+        check_validation(bench, cfg.matched, available)
+        if cfg.matched.target is None and retrain is None:
+            raise ConfigError("matched.target: there is no retrained model to match (retrain: null); give the "
+                              "forget efficacy to reach, e.g. matched.target=0.25 (chance on 4 choices)")
     _check_world(cfg, bench, w or world())
     if _prepares(cfg):
         from unlearn.prepare import check_settings
@@ -366,16 +377,20 @@ def _references(ctx: _Run) -> dict[str, dict[str, Any]]:
     cfg = ctx.cfg
     retrain = _retrain_spec(cfg, ctx.bench)
     out: dict[str, dict[str, Any]] = {}
+    validation = cfg.matched.validation_metrics() if cfg.matched is not None else []
     if retrain is not None:
         wanted = [m for m in (cfg.eval.metrics or default_metrics(ctx.bench)) if m != PRIVLEAK]
         if "privleak_auc" in default_metrics(ctx.bench) and "privleak_auc" not in wanted:
             wanted.append("privleak_auc")
-        out["retrain"] = _reference(ctx, "retrain", retrain, wanted)
+        out["retrain"] = _reference(ctx, "retrain", retrain, wanted + validation)
         ctx.retrain_auc = out["retrain"]["metrics"].get("privleak_auc")
     ctx.metrics = list(cfg.eval.metrics or default_metrics(ctx.bench, ctx.retrain_auc))
     if "retrain" in out and PRIVLEAK in ctx.metrics:  # 0 by definition; shown in the table for reference
         out["retrain"]["metrics"][PRIVLEAK] = privleak(ctx.retrain_auc, ctx.retrain_auc)
-    out["target"] = _reference(ctx, "target", _resolve(ctx.bench, cfg.model), ctx.metrics)
+    out["target"] = _reference(ctx, "target", _resolve(ctx.bench, cfg.model), ctx.metrics + validation)
+    if cfg.matched is not None:
+        ctx.matched_target = cfg.matched.target if cfg.matched.target is not None else \
+            out["retrain"]["metrics"][validation[0]]
     return {name: out[name] for name in REFERENCES if name in out}
 
 
@@ -420,6 +435,13 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
         rcfg = cfg.unit_relearn(seed, attack)
         curve = curve_metrics(ctx.bench, rcfg.metrics, ctx.metrics)
         attacks[attack] = (rcfg, curve, {"relearn": to_dict(rcfg), "metrics": curve, "eval": to_dict(cfg.eval)})
+    calibration = None
+    if cfg.matched is not None:
+        calibration = _calibrate(ctx, label, ucfg, folder, target, retain)
+        if calibration["chosen"] is None:  # reported as unmatched, not compared
+            return {"method": label, "seed": seed, "matched": False, "calibration": calibration}
+        ucfg = replace(ucfg, steps=calibration["chosen"])
+        key["unlearn"] = {k: v for k, v in to_dict(ucfg).items() if k != "resume"}
     unlearned = ctx.stage(folder / "unlearned.json", key)
     done = {a: ctx.stage(_attack_paths(folder, a)[0], k) if unlearned is not None else None
             for a, (_, _, k) in attacks.items()}
@@ -466,7 +488,33 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
     primary = done[PRIMARY]
     return {"method": label, "seed": seed, "unlearned": unlearned["metrics"], "relearned": primary["final"],
             "curve": primary["curve"], "draws": primary["draws"], "train": unlearned["train"],
-            "attacks": {a: {k: done[a][k] for k in ("final", "curve", "draws")} for a in attacks}}
+            "attacks": {a: {k: done[a][k] for k in ("final", "curve", "draws")} for a in attacks},
+            **({"matched": True, "calibration": calibration} if calibration is not None else {})}
+
+
+def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target: str, retain: list[str]
+               ) -> dict[str, Any]:
+    """The unit's calibration (`unlearn.matched`): unlearn to the largest budget, the validation metrics at
+    every budget, the budget chosen; calibration.json (skipped when done with the same settings)."""
+    settings = ctx.cfg.matched
+    run = replace(ucfg, steps=settings.budgets[-1], eval_every=settings.every, save_every=0)
+    key = {"unlearn": {k: v for k, v in to_dict(run).items() if k != "resume"}, "matched": to_dict(settings),
+           "model": target, "target": ctx.matched_target, "eval": to_dict(ctx.cfg.eval),
+           "benchmark": _bench_key(ctx.cfg)}
+    path = folder / "calibration.json"
+    record = ctx.stage(path, key)
+    if record is None:
+        model, tokenizer = ctx.load(target)
+        eval_fn = benchmark_eval_fn(tokenizer, validation_view(ctx.bench), settings.validation_metrics(),
+                                    max_samples=ctx.cfg.eval.max_samples, batch_size=ctx.cfg.eval.batch_size)
+        summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, run,
+                          run_dir=folder / "calibration", eval_fn=eval_fn)
+        del model
+        curve = [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]]
+        record = {"key": key, **choose_budget(curve, settings, ctx.matched_target), "curve": curve}
+        ctx.write(path, record)
+    ctx.log("calibration", {"chosen": record["chosen"]}, method=label, seed=ucfg.seed)
+    return {k: v for k, v in record.items() if k != "key"}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -532,6 +580,14 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
     from unlearn.plots import relearn_curves, stage_bars
 
     cfg, path = ctx.cfg, ctx.run.path
+    calibration = _calibration_table(ctx, units) if cfg.matched is not None else None
+    unmatched = [{"method": u["method"], "seed": u["seed"]} for u in units if u.get("matched") is False]
+    units = [u for u in units if u.get("matched") is not False]  # an unmatched method is reported, not compared
+    if not units:
+        ctx.run.write_json("summary.json", {"name": cfg.name, "config": to_dict(cfg), "calibration": calibration,
+                                            "unmatched": unmatched, "units": []})
+        raise RunError(f"matched: no method reached the band at any budget ({cfg.name}/calibration.md); widen "
+                       "matched.band or add larger matched.budgets")
     methods = aggregate(units)
     refs = {name: r["metrics"] for name, r in references.items()}
     title = f"{cfg.benchmark}: {', '.join(methods)} ({len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})"
@@ -557,6 +613,8 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
         "prepare": prepared,
         "methods": methods,
         "resilience": resilience,
+        "calibration": calibration,
+        "unmatched": unmatched,
         "units": units,
         "table": rows,
         "time_s": round(time.perf_counter() - start, 1),
@@ -638,6 +696,27 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             curve = curve_metrics(bench, cfg.relearn.metrics, ctx.metrics)
             units = [_unit(ctx, i, seed, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
             return on_main(lambda: _write_results(ctx, references, units, curve, start, prepared), w)
+
+
+def _calibration_table(ctx: _Run, units: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """calibration.csv/.md: per method and seed, the budget chosen (or none) and the validation values there."""
+    from shared.report import write_table
+
+    settings = ctx.cfg.matched
+    metric, *utility = settings.validation_metrics()
+    rows = []
+    for u in units:
+        cal = u["calibration"]
+        at = next((r for r in cal["rows"] if r["step"] == cal["chosen"]), None)
+        rows.append({"method": u["method"], "seed": u["seed"], "steps": cal["chosen"] or "not reached",
+                     metric: "" if at is None else f"{at[metric]:.3f}",
+                     **{m: "" if at is None else f"{at[m]:.3f}" for m in utility},
+                     "band": f"[{cal['band'][0]:.3f}, {cal['band'][1]:.3f}]",
+                     "curve": " ".join(f"{r['step']}:{r[metric]:.3f}" for r in cal["rows"])})
+    write_table(ctx.run.path / "calibration", rows,
+                title=f"Matched efficacy: the smallest budget with {metric} within {settings.band} of "
+                      f"{ctx.matched_target:.3f}" + (f" and {utility[0]} >= {settings.floor}" if utility else ""))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- compare

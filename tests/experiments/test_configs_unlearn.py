@@ -97,3 +97,17 @@ def test_the_four_gpu_wmdp_config_is_the_one_gpu_config_without_gp():
         check_world(method, World(0, 4))
         with pytest.raises(ConfigError, match="batch_size: 4 rows per micro-batch cannot be shared evenly by 8"):
             check_world(method, World(0, 8))
+
+
+def test_the_matched_toy_protocol_covers_every_objective_and_smoother_with_three_attacks():
+    cfg = load_run_config(next(p for p in CONFIGS if p.stem == "toy_matched"))
+    pairs = {(cfg.method_config(i, 0).objective, cfg.method_config(i, 0).smoother) for i in range(len(cfg.methods))}
+    objectives = [name for name in OBJECTIVES.names() if name != "nll"]
+    assert pairs == {(o, s) for o in objectives for s in ("none", "sam", "rs", "gp", "wa")}
+    assert len(cfg.seeds) == 5 and cfg.matched is not None and cfg.matched.band == 0.05
+    assert cfg.attack_names() == ["relearn", "lora", "unrelated"]
+    lora, unrelated = cfg.unit_relearn(0, "lora"), cfg.unit_relearn(0, "unrelated")
+    assert lora.options["lora"] and lora.options["lora_alpha"] == 16.0 and len(lora.options["lora_targets"]) == 7
+    assert (unrelated.data, unrelated.n_samples) == ("retain", 10)
+    assert len(cfg.baselines()) == 20 and all(w.wa_start <= cfg.matched.budgets[0] for w in
+                                             (cfg.method_config(i, 0) for i in range(len(cfg.methods))))

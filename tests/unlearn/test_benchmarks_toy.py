@@ -57,12 +57,27 @@ def test_default_sizes(toy, people):
     assert counts == {"forget": 10, "retain": 30, "holdout": 10}
     sizes = {key: len(rows) for key, rows in tables(toy).items()}
     assert sizes == {
-        "mc/forget": 50, "mc/utility": 150, "corpora/forget": 120, "corpora/retain": 360, "corpora/holdout": 120,
+        "mc/forget": 50, "mc/utility": 150, "mc/forget_val": 50, "mc/utility_val": 150, "corpora/forget": 120, "corpora/retain": 360, "corpora/holdout": 120,
         "muse/verbmem_forget": 20, "muse/knowmem_forget_qa": 50, "muse/knowmem_retain_qa": 120,
         "muse/knowmem_forget_qa_icl": 3, "muse/knowmem_retain_qa_icl": 3, "muse/privleak_forget": 20,
         "muse/privleak_retain": 60, "muse/privleak_holdout": 20,
     }
     assert toy.models == {"target": "runs/toy-models/target", "retrain": "runs/toy-models/retrain"}
+
+
+def test_the_validation_wording_is_never_trained_on_nor_tested(toy, people):
+    """mc/*_val ask the test facts in a fourth wording: no corpus text and no test question uses it."""
+    from unlearn.benchmarks.toy import ATTRIBUTES
+
+    texts = [t for split in ("forget", "retain", "holdout") for t in toy.corpora[split]["text"]]
+    for split, test in (("forget_val", "forget"), ("utility_val", "utility")):
+        val = toy.mc[split]
+        assert not set(val["question"]) & set(toy.mc[test]["question"])
+        for question in val["question"]:
+            assert not any(question in t for t in texts), question
+        truths = [row["choices"][row["answer"]] for row in val]
+        assert truths == [row["choices"][row["answer"]] for row in toy.mc[test]]  # the same facts, in order
+    assert all(a.validation not in a.questions for a in ATTRIBUTES)
 
 
 def test_splits_are_disjoint_and_corpora_mention_only_their_people(toy, people):
@@ -169,7 +184,7 @@ def test_formats_are_those_of_the_wmdp_and_muse_loaders(toy, tmp_path):
 def test_save_and_load_round_trip_and_edited_overrides(toy, tmp_path):
     folder = save_benchmark(toy, tmp_path / "toy")
     manifest = json.loads((folder / "benchmark.json").read_text())
-    assert manifest["name"] == "toy" and manifest["tables"]["mc"] == ["forget", "utility"]
+    assert manifest["name"] == "toy" and manifest["tables"]["mc"] == ["forget", "utility", "forget_val", "utility_val"]
     again = load_benchmark(str(folder), cache_dir=str(tmp_path / "cache"))
     assert tables(again) == tables(toy) and again.models == toy.models and again.name == "toy"
     lines = (folder / "mc/forget.jsonl").read_text().splitlines()

@@ -12,9 +12,13 @@ format) and `mc_drills` lm-eval-format multiple-choice texts ending in "Answer: 
 non-held-out templates and with their own distractors and answer positions: without them a small model
 trained from scratch could state facts but never learn the answer formats the evaluation uses.
 
+A validation split, `mc/forget_val` and `mc/utility_val`, asks the same facts in a fourth wording per
+attribute that no corpus text and no test question uses: calibrations read it (`unlearn.matched`), the
+reported metrics never do. It draws from its own generator, so the test tables are what they were before it.
+
 Default sizes (n_entities=50): 10 forget, 30 retain, 10 holdout people; corpora forget 120 texts, retain 360,
 holdout 120 (2 bios + 5 QA + 5 MC drills per person; about 2,700 words forget, 8,100 retain); mc forget 50
-and utility 150 questions; verbmem_forget 20 bios; knowmem forget 50 and retain 120 QA pairs (the retain
+and utility 150 questions (and as many in the validation wording); verbmem_forget 20 bios; knowmem forget 50 and retain 120 QA pairs (the retain
 people lent to the 3 + 3 in-context examples are left out); privleak forget 20, retain 60, holdout 20 bios.
 Sized for the tiny Llama that `samsuite unlearn prepare` trains from scratch on 2 CPU cores.
 """
@@ -43,6 +47,7 @@ from unlearn.benchmarks.base import (
 )
 
 SPLITS = ("forget", "retain", "holdout")
+VALIDATION = "_val"  # mc["forget_val"], mc["utility_val"]: the same facts, in the validation wording
 SUBJECT = "fictional people"  # lm-eval's description: "... (with answers) about fictional people."
 LETTERS = "ABCD"
 
@@ -53,6 +58,7 @@ class Attribute:
     values: tuple[str, ...]
     statements: tuple[str, ...]  # how a biography states it
     questions: tuple[str, ...]  # how a question asks for it
+    validation: str  # a fourth wording, asked only by the validation split (never trained on, never tested)
 
 
 ATTRIBUTES = (
@@ -62,6 +68,7 @@ ATTRIBUTES = (
          "Larkspur", "Millbrook", "Northfen", "Oakhurst"),
         ("{name} grew up in {value}.", "{name} was born and raised in {value}.", "The home town of {name} is {value}."),
         ("What is the home town of {name}?", "Where did {name} grow up?", "In which town was {name} raised?"),
+        "Which town does {name} come from?",
     ),
     Attribute(
         "profession",
@@ -69,6 +76,7 @@ ATTRIBUTES = (
          "carpenter", "botanist", "jeweller", "ferry pilot", "watchmaker"),
         ("{name} works as a {value}.", "By trade, {name} is a {value}.", "{name} earns a living as a {value}."),
         ("What is the profession of {name}?", "What does {name} do for a living?", "Which trade does {name} practise?"),
+        "What job does {name} have?",
     ),
     Attribute(
         "birth_year",
@@ -76,6 +84,7 @@ ATTRIBUTES = (
         ("{name} was born in {value}.", "The birth year of {name} is {value}.",
          "{name} came into the world in {value}."),
         ("In which year was {name} born?", "What is the birth year of {name}?", "When was {name} born?"),
+        "What year was {name} born in?",
     ),
     Attribute(
         "favourite_colour",
@@ -85,6 +94,7 @@ ATTRIBUTES = (
          "{name} would always pick {value} as a favourite colour."),
         ("What is the favourite colour of {name}?", "Which colour does {name} like best?",
          "What colour does {name} prefer?"),
+        "Which colour is the favourite of {name}?",
     ),
     Attribute(
         "employer",
@@ -93,6 +103,7 @@ ATTRIBUTES = (
          "Quayside Textiles"),
         ("{name} is employed by {value}.", "{name} works for {value}.", "The employer of {name} is {value}."),
         ("Who employs {name}?", "Which company does {name} work for?", "What is the employer of {name}?"),
+        "Where is {name} employed?",
     ),
 )
 FIRST_STEMS = ("Al", "Bel", "Cor", "Dar", "El", "Fen", "Gar", "Hal", "Is", "Jor", "Kel", "Lor", "Mar", "Nor", "Or",
@@ -186,6 +197,13 @@ def build_toy(seed: int = 0, *, n_entities: int = 50, forget_frac: float = 0.2, 
     mc = {
         name: Dataset.from_list([_mc_row(p.questions[a.name], p.facts[a.name], a, mc_rng) for p in by_split[split]
                                  for a in ATTRIBUTES], features=MC.features)
+        for name, split in (("forget", "forget"), ("utility", "retain"))
+    }
+    val_rng = rng("mc-validation")  # its own stream: the test tables above are what they were without it
+    mc |= {
+        f"{name}{VALIDATION}": Dataset.from_list([
+            _mc_row(a.validation.format(name=p.name), p.facts[a.name], a, val_rng) for p in by_split[split]
+            for a in ATTRIBUTES], features=MC.features)
         for name, split in (("forget", "forget"), ("utility", "retain"))
     }
     return Benchmark(

@@ -126,6 +126,11 @@ MC_METRICS = {
 }
 for _name, (_split, _formulation) in MC_METRICS.items():
     register(_name, ("mc", _split))(_mc_metric(_split, _formulation))
+#: the same on a benchmark's validation split (the toy's "_val" tables: another wording of the questions), which
+#: calibrations read (`unlearn.matched`) and the reported metrics never do: extra metrics, asked for by name
+VALIDATION_METRICS = {f"{name}_val": (f"{split}_val", formulation) for name, (split, formulation) in MC_METRICS.items()}
+for _name, (_split, _formulation) in VALIDATION_METRICS.items():
+    register(_name, ("mc", _split), default=False)(_mc_metric(_split, _formulation))
 
 
 @register("verbmem_f", ("muse", "verbmem_forget"))
@@ -211,7 +216,8 @@ def evaluate(
     """The requested metrics (default: every default metric the benchmark supports) of `model`, in a
     fixed key order: forget_acc, utility_acc, forget_acc_cloze, utility_acc_cloze, verbmem_f, knowmem_f,
     knowmem_r, knowmem_f_recall, knowmem_r_recall, privleak_auc, privleak. `max_samples` keeps the first
-    N rows of every evaluated split (not of the in-context examples)."""
+    N rows of every evaluated split (not of the in-context examples). The validation versions of the
+    multiple-choice metrics (forget_acc_val, ...) follow the test ones, when asked for by name."""
     check_positive("batch_size", batch_size)
     if max_samples is not None:
         check_positive("max_samples", max_samples)
