@@ -317,7 +317,7 @@ def check_run(cfg: RunConfig, bench: Any, w: World | None = None) -> None:
             raise ConfigError(f"{where}.data: {bench.name} has no '{rcfg.data}' corpus to fine-tune on; it has: "
                               f"{', '.join(bench.corpora)}")
         try:
-            draw_samples(len(bench.corpora[rcfg.data]), rcfg.n_samples, 0, 0)
+            draw_samples(len(bench.corpora[rcfg.data]), rcfg.n_samples, 0, 0, rcfg.data)
         except ConfigError as err:
             raise ConfigError(f"{where}.{err}") from None
     if cfg.matched is not None:

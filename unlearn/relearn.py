@@ -98,13 +98,13 @@ class RelearnConfig:
         }, "options")
 
 
-def draw_samples(pool_size: int, n: int | None, seed: int, draw: int) -> list[int]:
+def draw_samples(pool_size: int, n: int | None, seed: int, draw: int, corpus: str = "forget") -> list[int]:
     """The indices of draw `draw`'s `n` samples among `pool_size` texts (without replacement);
     `n` None: every text (MUSE's attack fine-tunes on the whole forget set)."""
     if n is None:
         return list(range(pool_size))
     if n > pool_size:
-        raise ConfigError(f"n_samples: {n} is more than the {pool_size} texts of the corpus it draws from")
+        raise ConfigError(f"n_samples: {n} is more than the {pool_size} texts of the {corpus} set")
     rng = np.random.default_rng(derive_seed(seed, "relearn-samples", draw))
     return [int(i) for i in rng.choice(pool_size, size=n, replace=False)]
 
@@ -149,7 +149,7 @@ def relearn(
     pool = list(forget_pool)
     if not pool:
         raise ValueError("forget_pool: expected at least one forget text, got none")
-    draw_samples(len(pool), cfg.n_samples, cfg.seed, 0)  # n_samples vs the pool: checked before any training
+    draw_samples(len(pool), cfg.n_samples, cfg.seed, 0, cfg.data)  # n_samples vs the pool: checked before any training
     start = time.perf_counter()
     device = device_of(model)
     if world().size > 1:

@@ -231,7 +231,7 @@ def test_further_attacks_lora_and_unrelated_data(bench_dir, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("attacks={relearn: {lr: 0.1}}", "attacks.relearn: not an attack name"),
-    ("attacks={big: {data: holdout, n_samples: 999}}", r"attacks.big.n_samples: 999 is more than the \d+ texts"),
+    ("attacks={big: {data: holdout, n_samples: 999}}", r"attacks.big.n_samples: 999 is more than the \d+ texts of the holdout set"),
     ("attacks={odd: {data: elsewhere}}", "attacks.odd.data: unknown value 'elsewhere'"),
     ("attacks={lr: 0.1}", "attacks.lr: expected a mapping, got 0.1"),
 ])
