@@ -383,7 +383,8 @@ def _train(
 
     def evaluate(step: int) -> None:
         model.eval()
-        result = eval_fn(model, step)
+        with smoother.delivered():  # e.g. weight averaging's average so far: what a run ending here delivers
+            result = eval_fn(model, step)
         model.train()
         if w.size > 1:
             reshard(model)  # FSDP2 keeps the root gathered after a forward without a backward: the smoothers'

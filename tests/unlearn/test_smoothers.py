@@ -190,3 +190,30 @@ def test_weight_averaging_running_mean_from_start_every_k():
     resumed.load_state_dict(state)
     resumed.finish()
     assert torch.allclose(w, torch.stack(seen).mean(0), atol=1e-12)
+
+
+@pytest.mark.parametrize("smoother", ["none", "wa"])
+def test_an_evaluation_at_step_k_sees_what_a_run_of_k_steps_delivers(smoother):
+    """What a calibration of the budget relies on: with a constant lr, evaluating at step k during a
+    longer run measures the model a run of k steps ends with (for weight averaging: the average so far,
+    not the weights being trained), and the training goes on from its own weights."""
+    from unlearn.train import unlearn
+
+    tok = tiny_tokenizer()
+    settings = {"objective": "npo", "smoother": smoother, "lr": 1e-2, "batch_size": 2, "max_length": 64,
+                "wa_start": 1, "wa_every": 1, "save_every": 0}
+    seen = {}
+
+    def eval_fn(model, step):
+        seen[step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return {}
+
+    long = tiny_llama(tok)
+    unlearn(long, tok, FORGET, RETAIN, UnlearnConfig(**settings, steps=4, eval_every=2), eval_fn=eval_fn)
+    short = tiny_llama(tok)
+    unlearn(short, tok, FORGET, RETAIN, UnlearnConfig(**settings, steps=2))
+    for name, p in short.named_parameters():
+        torch.testing.assert_close(seen[2][name], p, rtol=0, atol=0)
+    final = dict(long.named_parameters())
+    assert all(torch.equal(seen[4][n], final[n]) for n in final)
+    assert not all(torch.equal(seen[2][n], final[n]) for n in final)

@@ -4,7 +4,8 @@ and at the end (weight averaging). Smoothing acts on the forget loss only (Fan e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,12 @@ class Smoother:
 
     def finish(self) -> None:
         """Called once after the last step."""
+
+    @contextlib.contextmanager
+    def delivered(self) -> Iterator[None]:
+        """Inside: the weights the run would deliver if it ended at this step (what an evaluation during the
+        run measures, e.g. a calibration of the budget); the training weights again after."""
+        yield
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -4,6 +4,8 @@ sharded parameters, per local shard)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,6 +36,22 @@ class WeightAveraging(Smoother):
     def finish(self) -> None:
         # `unlearn` checks before training that at least one average is taken (steps >= wa_start)
         torch._foreach_copy_(locals_(self.params), self.avg)
+
+    @contextlib.contextmanager
+    def delivered(self) -> Iterator[None]:
+        """The average so far in place of the weights (a run that ended here would deliver it)."""
+        if self.avg is None:
+            yield
+            return
+        weights = locals_(self.params)
+        with torch.no_grad():
+            kept = [w.clone() for w in weights]
+            torch._foreach_copy_(weights, self.avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(weights, kept)
 
     def state_dict(self) -> dict[str, Any]:
         """Whole tensors (gathered where the parameters are sharded), so a checkpoint resumes on
