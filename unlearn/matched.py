@@ -66,11 +66,10 @@ class MatchedSettings:
 
 def check_validation(bench: Any, settings: MatchedSettings, available: Sequence[str]) -> None:
     """The validation metrics exist on `bench`, and their questions are not test questions."""
-    for name in settings.validation_metrics():
-        field_name = "matched.metric" if name.startswith(settings.metric) else "matched.utility"
-        if name not in available:
-            raise ConfigError(f"{field_name}: {bench.name} has no validation split for {name[: -len(VALIDATION_SUFFIX)]}"
-                              f" (a table mc/<split>{VALIDATION_SUFFIX}); it has: {', '.join(bench.mc)}")
+    for field_name, metric in (("metric", settings.metric), ("utility", settings.utility)):
+        if metric is not None and metric + VALIDATION_SUFFIX not in available:
+            raise ConfigError(f"matched.{field_name}: {bench.name} has no validation split for {metric} (a table "
+                              f"mc/<split>{VALIDATION_SUFFIX}); it has: {', '.join(bench.mc)}")
     for split in [s for s in bench.mc if s.endswith(VALIDATION_SUFFIX)]:
         test = split[: -len(VALIDATION_SUFFIX)]
         if test in bench.mc:

@@ -574,8 +574,8 @@ def table_rows(references: Mapping[str, Mapping[str, Any]], methods: Mapping[str
     return rows
 
 
-def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, Any]], curve: list[str],
-                   start: float, prepared: dict[str, Any] | None) -> dict[str, Any]:
+def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, Any]], start: float,
+                   prepared: dict[str, Any] | None) -> dict[str, Any]:
     from shared.report import write_table
     from unlearn.plots import relearn_curves, stage_bars
 
@@ -592,10 +592,11 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
     refs = {name: r["metrics"] for name, r in references.items()}
     title = f"{cfg.benchmark}: {', '.join(methods)} ({len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''})"
     curves = {a: curve_metrics(ctx.bench, rcfg.metrics, ctx.metrics) for a, _, rcfg in _attacks(cfg)}
+    curve = curves[PRIMARY]
     rows = table_rows(references, methods, ctx.metrics, curve, {a: c for a, c in curves.items() if a != PRIMARY})
     write_table(path / "results", rows, title=title)
     stage_bars(path / "bars.png", methods, refs, ctx.metrics, title)
-    for attack, where, rcfg in _attacks(cfg):
+    for attack, _, rcfg in _attacks(cfg):
         primary = attack == PRIMARY
         relearn_curves(path / ("relearn_curves.png" if primary else f"relearn_curves-{attack}.png"),
                        {label: m["curve"] if primary else m["attacks"][attack]["curve"] for label, m in methods.items()},
@@ -693,9 +694,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
                                    device=ctx.device)
             retain = list(bench.corpora["retain"]["text"]) if "retain" in bench.corpora else []
             references = _references(ctx)
-            curve = curve_metrics(bench, cfg.relearn.metrics, ctx.metrics)
             units = [_unit(ctx, i, seed, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
-            return on_main(lambda: _write_results(ctx, references, units, curve, start, prepared), w)
+            return on_main(lambda: _write_results(ctx, references, units, start, prepared), w)
 
 
 def _calibration_table(ctx: _Run, units: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
