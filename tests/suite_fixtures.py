@@ -13,7 +13,7 @@ import pytest
 from shared import runio
 from shared.runio import RunDir
 
-TIMING = ("compute_s", "round_s", "time_s", "step_time_s")
+TIMING = ("compute_s", "round_s", "time_s", "step_time_s", "train_time_s", "eval_time_s", "time")
 
 
 # ------------------------------------------------------------------ several processes

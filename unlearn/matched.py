@@ -6,10 +6,12 @@ see: the smallest budget whose forget efficacy lands within `band` of the target
 retrained model's value) while utility stays at or above `floor`. A method that reaches the band at
 no budget is reported as unmatched and left out of the comparison.
 
-The validation split is the benchmark's `mc/<split>_val` tables (the toy: the same facts asked in a
-fourth wording, never trained on and never tested); its questions must not overlap the test
-questions, and the calibration evaluates a view of the benchmark that holds the validation tables
-alone, so the test tables cannot reach it.
+The validation split is the benchmark's "<table>_val" twins of its question tables (the toy: the same
+facts asked in a fourth wording, never trained on and never tested). A benchmark without one (WMDP,
+MUSE) gets one from `split`: a seeded fraction of each question table's distinct questions is held out
+(`split_validation`), and the reported metrics are computed on the rest. Its questions must not
+overlap the test questions, and the calibration evaluates a view of the benchmark that holds the
+tables of the validation metrics alone, so the test tables cannot reach it.
 
 The calibration trains once to the largest budget, evaluating the validation metrics at every
 budget; the run then trains with the chosen budget as its `steps`. With a constant learning rate
@@ -19,15 +21,19 @@ sized for the chosen budget.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import reduce
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from shared.config import ConfigError
+import numpy as np
 
-VALIDATION_SUFFIX = "_val"
+from shared.config import ConfigError
+from unlearn.eval import METRICS, SPLITTABLE, VALIDATION, splittable
+
+VALIDATION_SUFFIX = VALIDATION
 TOLERANCE = 1e-12  # accuracies are fractions of counts: 0.31 - 0.26 is 0.05 plus a rounding error
 
 
@@ -44,6 +50,11 @@ class MatchedSettings:
     floor: float = field(default=0.0, metadata={"help": "the lowest validation utility a chosen budget may have"})
     budgets: list[int] = field(default_factory=lambda: [5, 10, 15, 20, 30, 40],
                                metadata={"help": "candidate unlearning steps, increasing"})
+    split: float | None = field(default=None, metadata={
+        "help": "for a benchmark without a validation split (WMDP, MUSE): the fraction of each question table's "
+                "distinct questions held out as one; the reported metrics are then on the rest. None: the "
+                "benchmark's own (the toy's fourth wording)"})
+    split_seed: int = field(default=0, metadata={"help": "which questions `split` holds out"})
 
     def __post_init__(self) -> None:
         for name in ("band", "floor", "target"):
@@ -54,6 +65,9 @@ class MatchedSettings:
             raise ConfigError(f"matched.budgets: expected a list of step counts >= 1, got {self.budgets!r}")
         if sorted(set(self.budgets)) != list(self.budgets):
             raise ConfigError(f"matched.budgets: expected increasing step counts, got {self.budgets}")
+        if self.split is not None and not (isinstance(self.split, float) and 0.0 < self.split < 1.0):
+            raise ConfigError(f"matched.split: expected a fraction strictly between 0 and 1 (e.g. 0.2), or null, "
+                              f"got {self.split!r}")
 
     def validation_metrics(self) -> list[str]:
         return [m + VALIDATION_SUFFIX for m in (self.metric, self.utility) if m is not None]
@@ -61,30 +75,76 @@ class MatchedSettings:
     @property
     def every(self) -> int:
         """The evaluation interval that visits every budget."""
-        return reduce(math.gcd, self.budgets)
+        return math.gcd(*self.budgets)
 
 
 def check_validation(bench: Any, settings: MatchedSettings, available: Sequence[str]) -> None:
     """The validation metrics exist on `bench`, and their questions are not test questions."""
     for field_name, metric in (("metric", settings.metric), ("utility", settings.utility)):
         if metric is not None and metric + VALIDATION_SUFFIX not in available:
-            raise ConfigError(f"matched.{field_name}: {bench.name} has no validation split for {metric} (a table "
-                              f"mc/<split>{VALIDATION_SUFFIX}); it has: {', '.join(bench.mc)}")
-    for split in [s for s in bench.mc if s.endswith(VALIDATION_SUFFIX)]:
-        test = split[: -len(VALIDATION_SUFFIX)]
-        if test in bench.mc:
-            shared = set(bench.mc[split]["question"]) & set(bench.mc[test]["question"])
+            hint = "" if settings.split is not None else " (set matched.split, e.g. 0.2, to hold out a fraction of " \
+                "its questions as one)"
+            have = ", ".join(m for m in available if m.endswith(VALIDATION_SUFFIX)) or "none"
+            raise ConfigError(f"matched.{field_name}: {bench.name} has no validation split for {metric}{hint}; "
+                              f"its validation metrics: {have}")
+    for section, tables in ((s, getattr(bench, s)) for s in SPLITTABLE):
+        for key in [k for k in tables if splittable(section, k) and k + VALIDATION_SUFFIX in tables]:
+            column = _question_column(tables[key])
+            shared = set(tables[key + VALIDATION_SUFFIX][column]) & set(tables[key][column])
             if shared:
-                raise ConfigError(f"matched: the validation split mc/{split} shares {len(shared)} question(s) with "
-                                  f"the test split mc/{test} (e.g. {min(shared)!r}); a calibration must not see "
-                                  "the questions it is judged on")
+                raise ConfigError(f"matched: the validation split {section}/{key}{VALIDATION_SUFFIX} shares "
+                                  f"{len(shared)} {column}(s) with the test split {section}/{key} (e.g. "
+                                  f"{min(shared)!r}); a calibration must not see the questions it is judged on")
 
 
-def validation_view(bench: Any) -> Any:
-    """`bench` with its validation tables alone: what the calibration evaluates (no test table in reach)."""
-    from dataclasses import replace
+def _question_column(table: Any) -> str:
+    """What identifies a row: the question (multiple choice, KnowMem) or the prompt (VerbMem)."""
+    return "question" if "question" in table.column_names else "prompt"
 
-    return replace(bench, mc={k: v for k, v in bench.mc.items() if k.endswith(VALIDATION_SUFFIX)}, muse={})
+
+def split_validation(bench: Any, fraction: float, seed: int) -> Any:
+    """`bench` with a validation twin "<key>_val" of each question table: `fraction` of its distinct
+    questions (by text, so a question asked twice stays on one side), drawn with `seed` and the table's
+    name; the test table keeps the others, in their order. Lazy, like the tables: nothing is loaded here."""
+    replaced = {}
+    for section in SPLITTABLE:
+        tables = getattr(bench, section)
+        keys = [k for k in tables if splittable(section, k)]
+        clash = [k for k in keys if k + VALIDATION_SUFFIX in tables]
+        if clash:
+            raise ConfigError(f"matched.split: {bench.name} has a validation split already ({section}/{clash[0]}"
+                              f"{VALIDATION_SUFFIX}); leave matched.split unset to use it")
+        halves = {k: _halves(tables, k, fraction, seed) for k in keys}
+        replaced[section] = tables.replaced({
+            **{k: (lambda h=h: h()[0]) for k, h in halves.items()},
+            **{k + VALIDATION_SUFFIX: (lambda h=h: h()[1]) for k, h in halves.items()}})
+    return replace(bench, **replaced)
+
+
+def _halves(tables: Mapping[str, Any], key: str, fraction: float, seed: int) -> Callable[[], tuple[Any, Any]]:
+    @functools.cache
+    def halves() -> tuple[Any, Any]:
+        table = tables[key]
+        rows = table[_question_column(table)]
+        distinct = list(dict.fromkeys(rows))
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        held = {distinct[i] for i in rng.permutation(len(distinct))[: round(fraction * len(distinct))]}
+        if not held or len(held) == len(distinct):
+            raise ConfigError(f"matched.split: {fraction} of the {len(distinct)} distinct questions of {key} leaves "
+                              "one side empty; use a fraction that keeps both")
+        return (table.select([i for i, q in enumerate(rows) if q not in held]),
+                table.select([i for i, q in enumerate(rows) if q in held]))
+
+    return halves
+
+
+def validation_view(bench: Any, metrics: Sequence[str]) -> Any:
+    """`bench` with the tables of the validation `metrics` alone: what the calibration evaluates (no test
+    table in reach)."""
+    needs = {need for name in metrics for need in METRICS.get(name).needs}
+    tables = {section: {key: getattr(bench, section)[key] for s, key in needs if s == section}
+              for section in ("mc", "corpora", "muse")}
+    return replace(bench, **tables)
 
 
 def choose_budget(curve: Sequence[Mapping[str, Any]], settings: MatchedSettings, target: float

@@ -43,7 +43,7 @@ from shared.runio import RunDir, check_run_name, environment, read_result, write
 from shared.threads import torch_threads
 from shared.validate import check_choice, check_device
 from unlearn.distributed import World, check_split, check_world, claim_on_main, on_main, save_model, world
-from unlearn.matched import MatchedSettings, check_validation, choose_budget, validation_view
+from unlearn.matched import MatchedSettings, check_validation, choose_budget, split_validation, validation_view
 from unlearn.relearn import (
     RelearnConfig,
     benchmark_eval_fn,
@@ -285,6 +285,8 @@ def _benchmark(cfg: RunConfig) -> Any:
                            seed=cfg.benchmark_seed)
     if _prepares(cfg):
         bench.models = {name: str(Path(cfg.prepare.out_dir) / name) for name in REFERENCES}
+    if cfg.matched is not None and cfg.matched.split is not None:
+        bench = split_validation(bench, cfg.matched.split, cfg.matched.split_seed)
     return bench
 
 
@@ -411,7 +413,11 @@ def _reference(ctx: _Run, name: str, spec: str, metrics: list[str]) -> dict[str,
 
 
 def _bench_key(cfg: RunConfig) -> dict[str, Any]:
-    return {"benchmark": cfg.benchmark, "seed": cfg.benchmark_seed, "subsets": cfg.subsets, "paths": cfg.paths}
+    """What the benchmark's tables depend on (a held-out validation split shrinks the test tables)."""
+    key = {"benchmark": cfg.benchmark, "seed": cfg.benchmark_seed, "subsets": cfg.subsets, "paths": cfg.paths}
+    if cfg.matched is not None and cfg.matched.split is not None:
+        key["validation"] = {"split": cfg.matched.split, "seed": cfg.matched.split_seed}
+    return key
 
 
 def _attack_paths(folder: Path, attack: str) -> tuple[Path, Path]:
@@ -439,7 +445,8 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
     if cfg.matched is not None:
         calibration = _calibrate(ctx, label, ucfg, folder, target, retain)
         if calibration["chosen"] is None:  # reported as unmatched, not compared
-            return {"method": label, "seed": seed, "matched": False, "calibration": calibration}
+            return {"method": label, "seed": seed, "matched": False, "calibration": calibration,
+                    "time": {"calibration": calibration.get("time")}}
         ucfg = replace(ucfg, steps=calibration["chosen"])
         key["unlearn"] = {k: v for k, v in to_dict(ucfg).items() if k != "resume"}
     unlearned = ctx.stage(folder / "unlearned.json", key)
@@ -450,17 +457,21 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
     if unlearned is not None and None in done.values() and not saved:
         unlearned = None  # the model was removed (keep_models=false) and an attack must run again
     if unlearned is None:
+        start = time.perf_counter()
         model, tokenizer = ctx.load(target)
         summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
                           run_dir=folder / "train")
+        evaluated = time.perf_counter()
         values = ctx.evaluate(model, tokenizer)
+        eval_s = time.perf_counter() - evaluated
         save_model(model, tokenizer, folder / "model", ctx.w)
         del model
         if ctx.w.main:
             for leftover in (folder / "train").glob("checkpoint.*"):  # model/ is the product now
                 leftover.unlink()
         unlearned = {"key": key, "method": label, "seed": seed, "metrics": values,
-                     "train": {k: summary[k] for k in ("steps", "time_s", "step_time_s", "trainable_params", "final")}}
+                     "train": {k: summary[k] for k in ("steps", "time_s", "step_time_s", "trainable_params", "final")},
+                     "time": _times(start, summary["train_time_s"], summary["eval_time_s"] + eval_s)}
         ctx.write(folder / "unlearned.json", unlearned)
         done, fresh = dict.fromkeys(attacks), True
     ctx.log("unlearned", unlearned["metrics"], method=label, seed=seed)
@@ -472,12 +483,15 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
                 model, tokenizer = ctx.load(str(folder / "model"))  # is sharded); each restores it when done
             eval_fn = benchmark_eval_fn(tokenizer, ctx.bench, curve, max_samples=cfg.eval.max_samples,
                                         batch_size=cfg.eval.batch_size)
+            start = time.perf_counter()
             result = relearn(model, tokenizer, list(ctx.bench.corpora[rcfg.data]["text"]), rcfg, eval_fn=eval_fn,
                              run_dir=run_dir, resume=cfg.resume and not fresh)
             done[attack] = {"key": attack_key, "method": label, "seed": seed, "attack": attack, "curve": result["curve"],
                             "final": result["final"],
                             "draws": [{k: d[k] for k in ("draw", "samples", "curve", "final_loss")}
-                                      for d in result["draws"]]}
+                                      for d in result["draws"]],
+                            "time": _times(start, *(sum(d.get("time", {}).get(k, 0.0) for d in result["draws"])
+                                                    for k in ("train_s", "eval_s")))}
             ctx.write(path, done[attack])
         for row in done[attack]["curve"]:
             ctx.log("relearn", {k: v for k, v in row.items() if k != "step"}, method=label, seed=seed,
@@ -486,7 +500,10 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
     if not cfg.keep_models and ctx.w.main and (folder / "model").is_dir():
         shutil.rmtree(folder / "model")
     primary = done[PRIMARY]
-    return {"method": label, "seed": seed, "unlearned": unlearned["metrics"], "relearned": primary["final"],
+    times = {"calibration": (calibration or {}).get("time"), "unlearning": unlearned.get("time"),
+             **{a: done[a].get("time") for a in attacks}}  # None: done before stages were timed
+    return {"method": label, "seed": seed, "time": times, "unlearned": unlearned["metrics"],
+            "relearned": primary["final"],
             "curve": primary["curve"], "draws": primary["draws"], "train": unlearned["train"],
             "attacks": {a: {k: done[a][k] for k in ("final", "curve", "draws")} for a in attacks},
             **({"matched": True, "calibration": calibration} if calibration is not None else {})}
@@ -498,23 +515,31 @@ def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target:
     every budget, the budget chosen; calibration.json (skipped when done with the same settings)."""
     settings = ctx.cfg.matched
     run = replace(ucfg, steps=settings.budgets[-1], eval_every=settings.every, save_every=0)
-    key = {"unlearn": {k: v for k, v in to_dict(run).items() if k != "resume"}, "matched": to_dict(settings),
-           "model": target, "target": ctx.matched_target, "eval": to_dict(ctx.cfg.eval),
-           "benchmark": _bench_key(ctx.cfg)}
+    matched = {k: v for k, v in to_dict(settings).items() if k not in ("split", "split_seed")}  # in _bench_key
+    key = {"unlearn": {k: v for k, v in to_dict(run).items() if k != "resume"}, "matched": matched, "model": target,
+           "target": ctx.matched_target, "eval": to_dict(ctx.cfg.eval), "benchmark": _bench_key(ctx.cfg)}
     path = folder / "calibration.json"
     record = ctx.stage(path, key)
     if record is None:
+        start = time.perf_counter()
         model, tokenizer = ctx.load(target)
-        eval_fn = benchmark_eval_fn(tokenizer, validation_view(ctx.bench), settings.validation_metrics(),
+        eval_fn = benchmark_eval_fn(tokenizer, validation_view(ctx.bench, settings.validation_metrics()),
+                                    settings.validation_metrics(),
                                     max_samples=ctx.cfg.eval.max_samples, batch_size=ctx.cfg.eval.batch_size)
         summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, run,
                           run_dir=folder / "calibration", eval_fn=eval_fn)
         del model
         curve = [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]]
-        record = {"key": key, **choose_budget(curve, settings, ctx.matched_target), "curve": curve}
+        record = {"key": key, **choose_budget(curve, settings, ctx.matched_target), "curve": curve,
+                  "time": _times(start, summary["train_time_s"], summary["eval_time_s"])}
         ctx.write(path, record)
     ctx.log("calibration", {"chosen": record["chosen"]}, method=label, seed=ucfg.seed)
     return {k: v for k, v in record.items() if k != "key"}
+
+
+def _times(start: float, train_s: float, eval_s: float) -> dict[str, float]:
+    """A stage's wall time since `start` and its training and evaluation shares (the rest: loading, saving)."""
+    return {"total_s": round(time.perf_counter() - start, 3), "train_s": round(train_s, 3), "eval_s": round(eval_s, 3)}
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -581,6 +606,7 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
 
     cfg, path = ctx.cfg, ctx.run.path
     calibration = _calibration_table(ctx, units) if cfg.matched is not None else None
+    profile = _profile(ctx, references, units)
     unmatched = [{"method": u["method"], "seed": u["seed"]} for u in units if u.get("matched") is False]
     units = [u for u in units if u.get("matched") is not False]  # an unmatched method is reported, not compared
     if not units:
@@ -618,6 +644,7 @@ def _write_results(ctx: _Run, references: dict[str, Any], units: list[dict[str, 
         "unmatched": unmatched,
         "units": units,
         "table": rows,
+        "profile": profile,
         "time_s": round(time.perf_counter() - start, 1),
         "environment": environment(ctx.device) | {"processes": ctx.w.size},
     }
@@ -696,6 +723,39 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             references = _references(ctx)
             units = [_unit(ctx, i, seed, retain) for i in range(len(cfg.methods)) for seed in cfg.seeds]
             return on_main(lambda: _write_results(ctx, references, units, start, prepared), w)
+
+
+def _profile(ctx: _Run, references: Mapping[str, Any], units: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """profile.csv/.md: where the run's time went, per stage (the reference evaluations, the calibration, the
+    unlearning, each attack), over all methods and then per method: minutes, share of the whole, and the
+    shares of training, evaluation and the rest (loading, saving). Each stage counts the time it took when
+    it ran, so a resumed run's profile is the whole run's."""
+    from shared.report import write_table
+
+    timed: dict[tuple[str, str], list[Mapping[str, float] | None]] = {
+        ("all", "references"): [{"total_s": r["time_s"], "train_s": 0.0, "eval_s": r["time_s"]}
+                                for r in references.values()]}
+    for u in units:
+        for stage, t in u.get("time", {}).items():
+            for method in ("all", u["method"]):
+                timed.setdefault((method, stage), []).append(t)
+    whole = sum(t["total_s"] for (method, _), ts in timed.items() if method == "all" for t in ts if t)
+    rows = []
+    for (method, stage), ts in sorted(timed.items(), key=lambda kv: kv[0][0] != "all"):
+        known = [t for t in ts if t]
+        if not known:
+            continue
+        total, train, evals = (sum(t[k] for t in known) for k in ("total_s", "train_s", "eval_s"))
+        rows.append({"method": method, "stage": stage, "runs": str(len(known)) + (
+                     f" (+{len(ts) - len(known)} untimed)" if len(known) < len(ts) else ""),
+                     "minutes": f"{total / 60:.1f}", "share": f"{total / whole:.0%}" if whole else "",
+                     "s per run": f"{total / len(known):.0f}", "training": f"{train / total:.0%}" if total else "",
+                     "evaluation": f"{evals / total:.0%}" if total else "",
+                     "other": f"{(total - train - evals) / total:.0%}" if total else ""})
+    if rows:
+        write_table(ctx.run.path / "profile", rows, title=f"Where the time went ({whole / 60:.1f} min of stages; "
+                    "share: of the whole; training / evaluation / other: of the stage)")
+    return rows
 
 
 def _calibration_table(ctx: _Run, units: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -213,6 +213,7 @@ def _attack(
         "final_loss": summary["final"].get("loss"),
         "curve": [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]],
         "time_s": summary["time_s"],
+        "time": {"train_s": summary["train_time_s"], "eval_s": summary["eval_time_s"]},
     }
     if run_dir is not None and w.main:
         for leftover in run_dir.glob("checkpoint.*"):  # the weights were only needed to resume this draw

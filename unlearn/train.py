@@ -381,7 +381,10 @@ def _train(
             run.save_checkpoint(saved)
         last_saved = step
 
+    eval_times: list[float] = []
+
     def evaluate(step: int) -> None:
+        t0 = time.perf_counter()
         model.eval()
         with smoother.delivered():  # e.g. weight averaging's average so far: what a run ending here delivers
             result = eval_fn(model, step)
@@ -389,6 +392,7 @@ def _train(
         if w.size > 1:
             reshard(model)  # FSDP2 keeps the root gathered after a forward without a backward: the smoothers'
             # writes into the shards would be missed by the next forward
+        eval_times.append(time.perf_counter() - t0)
         log({"step": step, "kind": "eval", **result})
 
     def check(saved: dict[str, Any]) -> None:
@@ -466,6 +470,9 @@ def _train(
         "final": {k: v for k, v in train_records[-1].items() if k.endswith("loss")} if train_records else {},
         "time_s": round(time.perf_counter() - t_start, 3),
         "step_time_s": sum(step_times) / len(step_times) if step_times else None,
+        # where this call's time went (time_s excludes the evaluation at step 0; these do not)
+        "train_time_s": round(sum(step_times), 3),
+        "eval_time_s": round(sum(eval_times), 3),
         "evals": [r for r in history if r["kind"] == "eval"],
         "config": config,
         "environment": environment(str(device)) | {"processes": w.size},

@@ -1,9 +1,11 @@
 """Matched efficacy: the budget chosen from validation values by hand, the settings' bad input, the
-validation split checked against the test questions, and a calibration that reads the validation
-split only (it gives the same curve when the test tables are replaced)."""
+validation split checked against the test questions, a split held out of a benchmark without one (WMDP,
+MUSE), the validation metrics against the metrics on the held-out tables, and a calibration that reads
+the validation split only (it gives the same curve when the test tables are replaced)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,9 +16,10 @@ from suite_fixtures import unlearn_settings
 from shared.config import ConfigError, from_dict
 from shared.runio import RunDir
 from unlearn import pipeline
-from unlearn.benchmarks import build_toy, load_benchmark
-from unlearn.eval import available_metrics
-from unlearn.matched import MatchedSettings, check_validation, choose_budget, validation_view
+from unlearn.benchmarks import Benchmark, build_toy, load_benchmark, save_benchmark
+from unlearn.eval import VALIDATION_METRICS, available_metrics, evaluate
+from unlearn.matched import MatchedSettings, check_validation, choose_budget, split_validation, validation_view
+from unlearn.models import load_model
 from unlearn.pipeline import RunConfig
 
 CURVE = [{"step": 0, "forget_acc_cloze_val": 0.80, "utility_acc_cloze_val": 0.90},
@@ -46,6 +49,8 @@ def test_the_smallest_budget_in_the_band_above_the_floor_is_chosen() -> None:
     ({"budgets": []}, "matched.budgets: expected a list of step counts >= 1"),
     ({"budgets": [10, 5]}, r"matched.budgets: expected increasing step counts, got \[10, 5\]"),
     ({"budgets": [0, 5]}, "matched.budgets: expected a list of step counts >= 1"),
+    ({"split": 1.0}, "matched.split: expected a fraction strictly between 0 and 1"),
+    ({"split": 0.0}, "matched.split: expected a fraction strictly between 0 and 1"),
 ])
 def test_bad_settings_name_the_field(settings: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -61,7 +66,92 @@ def test_the_validation_split_must_not_share_test_questions() -> None:
     none = replace(bench, mc={k: v for k, v in bench.mc.items() if not k.endswith("_val")})
     with pytest.raises(ConfigError, match="matched.metric: toy has no validation split for forget_acc_cloze"):
         check_validation(none, MatchedSettings(), available_metrics(none))
-    assert set(validation_view(bench).mc) == {"forget_val", "utility_val"} and validation_view(bench).muse == {}
+    view = validation_view(bench, MatchedSettings().validation_metrics())
+    assert set(view.mc) == {"forget_val", "utility_val"} and dict(view.muse) == {} and dict(view.corpora) == {}
+
+
+def _without_validation(bench: Benchmark) -> Benchmark:
+    """`bench` as WMDP and MUSE come: no validation tables; one forget question asked twice."""
+    forget = bench.mc["forget"]
+    twice = Dataset.from_list([*forget, forget[0]])
+    return replace(bench, mc={"forget": twice, "utility": bench.mc["utility"]})
+
+
+def test_a_split_holds_out_a_fraction_of_the_distinct_questions() -> None:
+    bench = _without_validation(build_toy(0))
+    split = split_validation(bench, 0.2, seed=0)
+    assert set(split.mc) == {"forget", "utility", "forget_val", "utility_val"}
+    assert {k for k in split.muse if k.endswith("_val")} == {"verbmem_forget_val", "knowmem_forget_qa_val",
+                                                             "knowmem_retain_qa_val"}
+    for section, key, column in [("mc", "forget", "question"), ("mc", "utility", "question"),
+                                 ("muse", "knowmem_retain_qa", "question"), ("muse", "verbmem_forget", "prompt")]:
+        whole = getattr(bench, section)[key]
+        test, val = getattr(split, section)[key], getattr(split, section)[key + "_val"]
+        distinct = set(whole[column])
+        assert len(set(val[column])) == round(0.2 * len(distinct)), key
+        assert not set(val[column]) & set(test[column]) and len(val) + len(test) == len(whole), key
+        assert list(test[column]) == [q for q in whole[column] if q not in set(val[column])], key  # in order
+    asked_twice = bench.mc["forget"][0]["question"]
+    sides = [asked_twice in split.mc[k]["question"] for k in ("forget", "forget_val")]
+    assert sorted(sides) == [False, True]  # both copies on one side
+    again, other = split_validation(bench, 0.2, seed=0), split_validation(bench, 0.2, seed=1)
+    assert again.mc["utility_val"]["question"] == split.mc["utility_val"]["question"]
+    assert other.mc["utility_val"]["question"] != split.mc["utility_val"]["question"]
+    check_validation(split, MatchedSettings(split=0.2), available_metrics(split))
+    with pytest.raises(ConfigError, match="matched.split: toy has a validation split already"):
+        split_validation(build_toy(0), 0.2, seed=0)
+    with pytest.raises(ConfigError, match="set matched.split, e.g. 0.2"):
+        check_validation(bench, MatchedSettings(), available_metrics(bench))
+
+
+def test_a_split_loads_nothing_until_a_table_is_read() -> None:
+    loaded = []
+    toy = build_toy(0)
+
+    def loader(key: str):
+        return lambda: loaded.append(key) or toy.mc[key]
+
+    split = split_validation(Benchmark("lazy", mc={"forget": loader("forget"), "utility": loader("utility")}), 0.5, 0)
+    assert loaded == [] and "forget_val" in split.mc
+    assert len(split.mc["forget_val"]) + len(split.mc["forget"]) == len(toy.mc["forget"]) and loaded == ["forget"]
+
+
+def test_the_validation_metrics_are_the_metrics_on_the_held_out_tables(unlearn_bench: Path) -> None:
+    """knowmem_f_val, verbmem_f_val and forget_acc_cloze_val against the plain metrics on a benchmark made of
+    the validation tables; asked for together with the test metric, each keeps its own generations."""
+    bench = split_validation(_without_validation(load_benchmark(str(unlearn_bench))), 0.3, seed=0)
+    model, tokenizer = load_model(bench.models["target"])
+    names = ["knowmem_f", "verbmem_f", "forget_acc_cloze"]
+    assert {n + "_val" for n in names} <= set(VALIDATION_METRICS)
+    got = evaluate(model, tokenizer, bench, metrics=[*names, *(n + "_val" for n in names)], batch_size=4)
+    held = Benchmark("held", mc={"forget": bench.mc["forget_val"]}, muse={
+        "knowmem_forget_qa": bench.muse["knowmem_forget_qa_val"], "knowmem_forget_qa_icl": bench.muse[
+            "knowmem_forget_qa_icl"], "verbmem_forget": bench.muse["verbmem_forget_val"]})
+    want = evaluate(model, tokenizer, held, metrics=names, batch_size=4)
+    assert {n: got[n + "_val"] for n in names} == want
+    assert got["knowmem_f"] == evaluate(model, tokenizer, bench, metrics=["knowmem_f"], batch_size=4)["knowmem_f"]
+    view = validation_view(bench, ["knowmem_f_val"])
+    assert set(view.muse) == {"knowmem_forget_qa_val", "knowmem_forget_qa_icl"} and dict(view.mc) == {}
+
+
+def test_a_run_on_a_benchmark_without_a_validation_split_holds_one_out(unlearn_bench: Path, tmp_path: Path) -> None:
+    """WMDP and MUSE have no validation wording: matched.split holds out questions, the reported metrics
+    are on the rest, and the run's stage keys say so."""
+    bench = _without_validation(load_benchmark(str(unlearn_bench)))
+    folder = save_benchmark(bench, tmp_path / "no-val")
+    settings = unlearn_settings(folder, tmp_path, methods=[{"objective": "npo"}], relearn={
+        "n_samples": 2, "draws": 1, "lr": 1e-3, "steps": 1, "batch_size": 2, "max_length": 96, "eval_every": 1})
+    with pytest.raises(ConfigError, match="matched.metric: toy has no validation split for forget_acc_cloze"):
+        pipeline.check_run(from_dict(RunConfig, {**settings, "matched": {"budgets": [1]}}),
+                           pipeline._benchmark(from_dict(RunConfig, {**settings, "matched": {"budgets": [1]}})))
+    cfg = from_dict(RunConfig, {**settings, "matched": {"budgets": [1, 2], "band": 1.0, "split": 0.3}})
+    summary = pipeline.run_pipeline(cfg)
+    assert summary["units"][0]["train"]["steps"] == 1
+    unit = tmp_path / "small" / "npo" / "seed0"
+    key = json.loads((unit / "unlearned.json").read_text())["key"]["benchmark"]
+    assert key["validation"] == {"split": 0.3, "seed": 0}
+    test_questions = pipeline._benchmark(cfg).mc["forget"]
+    assert len(test_questions) < len(bench.mc["forget"])
 
 
 def _calibration(bench_dir: Path, tmp_path: Path, bench) -> dict:
@@ -91,6 +181,15 @@ def test_a_run_trains_each_method_for_its_chosen_budget(unlearn_bench: Path, tmp
     assert [u["train"]["steps"] for u in summary["units"]] == [1, 1]  # band 1: the first budget is in it
     assert (tmp_path / "small" / "calibration.md").read_text().count("| 1 |") == 2
     assert summary["unmatched"] == [] and summary["calibration"][0]["steps"] == 1
+    # the profile: every stage's time, over all methods and per method, training + evaluation <= the stage
+    profile = {(r["method"], r["stage"]): r for r in summary["profile"]}
+    assert [s for m, s in profile if m == "all"] == ["references", "calibration", "unlearning", "relearn"]
+    assert profile["all", "unlearning"]["runs"] == "2" and profile["npo+sam", "relearn"]["runs"] == "1"
+    assert sum(int(r["share"][:-1]) for r in summary["profile"] if r["method"] == "all") == pytest.approx(100, abs=2)
+    for unit in summary["units"]:
+        for stage, t in unit["time"].items():
+            assert 0 < t["train_s"] and 0 < t["eval_s"] and t["train_s"] + t["eval_s"] <= t["total_s"], stage
+    assert "| all | unlearning | 2 |" in (tmp_path / "small" / "profile.md").read_text()
 
 
 def test_a_band_no_method_reaches_stops_the_run_with_the_calibration_written(unlearn_bench: Path, tmp_path: Path

@@ -10,6 +10,7 @@ recall of the same generations, which are made once when both are asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -126,11 +127,6 @@ MC_METRICS = {
 }
 for _name, (_split, _formulation) in MC_METRICS.items():
     register(_name, ("mc", _split))(_mc_metric(_split, _formulation))
-#: the same on a benchmark's validation split (the toy's "_val" tables: another wording of the questions), which
-#: calibrations read (`unlearn.matched`) and the reported metrics never do: extra metrics, asked for by name
-VALIDATION_METRICS = {f"{name}_val": (f"{split}_val", formulation) for name, (split, formulation) in MC_METRICS.items()}
-for _name, (_split, _formulation) in VALIDATION_METRICS.items():
-    register(_name, ("mc", _split), default=False)(_mc_metric(_split, _formulation))
 
 
 @register("verbmem_f", ("muse", "verbmem_forget"))
@@ -172,6 +168,43 @@ def _privleak_auc(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, be
     forget = _table(bench, "muse", "privleak_forget", opts.max_samples)["text"]
     holdout = _table(bench, "muse", "privleak_holdout", opts.max_samples)["text"]
     return privleak_auc(model, tokenizer, forget, holdout, batch_size=opts.batch_size, progress=opts.progress)
+
+
+#: A validation split holds, for some tables, a twin "<key>_val" with rows of the same kind that the reported
+#: metrics never read (the toy: its questions in a fourth wording; WMDP, MUSE: questions held out by
+#: `unlearn.matched.split_validation`). These are the tables that can have one: every multiple-choice table,
+#: and MUSE's question and memorisation tables (not the in-context examples, nor PrivLeak's texts).
+VALIDATION = "_val"
+SPLITTABLE = {"mc": None, "muse": ("verbmem_forget", "knowmem_forget_qa", "knowmem_retain_qa")}
+
+
+def splittable(section: str, key: str) -> bool:
+    keys = SPLITTABLE.get(section, ())
+    return not key.endswith(VALIDATION) and (keys is None or key in keys)
+
+
+def _on_validation(metric: Metric) -> Compute:
+    """`metric` computed on the validation twins of its tables, under the test tables' names."""
+    def compute(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, bench: Benchmark, opts: Options) -> float:
+        view = dataclasses.replace(bench, **{
+            section: {key: getattr(bench, section)[key + VALIDATION if splittable(section, key) else key]
+                      for section_, key in metric.needs if section_ == section}
+            for section in {section for section, _ in metric.needs}})
+        # KnowMem's generations are memoised per split: the validation ones under their own memo
+        mine = dataclasses.replace(opts, memo=opts.memo.setdefault(VALIDATION, {}))
+        return metric.compute(model, tokenizer, view, mine)
+
+    return compute
+
+
+#: every metric with a splittable table, on the validation split: extra metrics, asked for by name, which
+#: calibrations read (`unlearn.matched`) and the reported metrics never do
+VALIDATION_METRICS = [name + VALIDATION for name in list(ORDER)
+                      if any(splittable(section, key) for section, key in METRICS.get(name).needs)]
+for _name in VALIDATION_METRICS:
+    _metric = METRICS.get(_name[: -len(VALIDATION)])
+    register(_name, *[(section, key + VALIDATION if splittable(section, key) else key)
+                      for section, key in _metric.needs], default=False)(_on_validation(_metric))
 
 
 def metric_names() -> list[str]:
@@ -217,7 +250,7 @@ def evaluate(
     fixed key order: forget_acc, utility_acc, forget_acc_cloze, utility_acc_cloze, verbmem_f, knowmem_f,
     knowmem_r, knowmem_f_recall, knowmem_r_recall, privleak_auc, privleak. `max_samples` keeps the first
     N rows of every evaluated split (not of the in-context examples). The validation versions of the
-    multiple-choice metrics (forget_acc_val, ...) follow the test ones, when asked for by name."""
+    metrics (forget_acc_val, knowmem_f_val, ...: `VALIDATION_METRICS`) come last, when asked for by name."""
     check_positive("batch_size", batch_size)
     if max_samples is not None:
         check_positive("max_samples", max_samples)
