@@ -147,17 +147,23 @@ def validation_view(bench: Any, metrics: Sequence[str]) -> Any:
     return replace(bench, **tables)
 
 
+def fits(values: Mapping[str, Any], settings: MatchedSettings, target: float) -> bool:
+    """Whether validation `values` are inside the band with utility at or above the floor."""
+    metric, utility = (m + VALIDATION_SUFFIX if m else None for m in (settings.metric, settings.utility))
+    return abs(values[metric] - target) <= settings.band + TOLERANCE and (
+        utility is None or values[utility] >= settings.floor)
+
+
 def choose_budget(curve: Sequence[Mapping[str, Any]], settings: MatchedSettings, target: float
                   ) -> dict[str, Any]:
     """The smallest budget of `curve` (validation metrics at each step) inside the band with utility at or
-    above the floor; {"chosen": steps or None, "band": [low, high], "target", "rows": the budgets' rows}."""
-    metric, utility = (m + VALIDATION_SUFFIX if m else None for m in (settings.metric, settings.utility))
+    above the floor; {"chosen": steps or None, "band": [low, high], "target", "rows": the budgets' rows}.
+    The curve may end at the chosen budget (a calibration stops there: the later budgets cannot be chosen)."""
     at = {row["step"]: row for row in curve}
-    missing = [b for b in settings.budgets if b not in at]
+    rows = [at[b] for b in settings.budgets if b in at]
+    chosen = next((row["step"] for row in rows if fits(row, settings, target)), None)
+    missing = [b for b in settings.budgets if b not in at and (chosen is None or b < chosen)]
     if missing:
         raise ValueError(f"curve: no evaluation at the budgets {missing}")
-    rows = [at[b] for b in settings.budgets]
-    chosen = next((row["step"] for row in rows if abs(row[metric] - target) <= settings.band + TOLERANCE
-                   and (utility is None or row[utility] >= settings.floor)), None)
     return {"chosen": chosen, "target": target, "band": [target - settings.band, target + settings.band],
-            "floor": settings.floor if utility else None, "rows": rows}
+            "floor": settings.floor if settings.utility else None, "rows": rows}

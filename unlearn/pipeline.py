@@ -43,7 +43,14 @@ from shared.runio import RunDir, check_run_name, environment, read_result, write
 from shared.threads import torch_threads
 from shared.validate import check_choice, check_device
 from unlearn.distributed import World, check_split, check_world, claim_on_main, on_main, save_model, world
-from unlearn.matched import MatchedSettings, check_validation, choose_budget, split_validation, validation_view
+from unlearn.matched import (
+    MatchedSettings,
+    check_validation,
+    choose_budget,
+    fits,
+    split_validation,
+    validation_view,
+)
 from unlearn.relearn import (
     RelearnConfig,
     benchmark_eval_fn,
@@ -458,19 +465,25 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
         unlearned = None  # the model was removed (keep_models=false) and an attack must run again
     if unlearned is None:
         start = time.perf_counter()
-        model, tokenizer = ctx.load(target)
-        summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
-                          run_dir=folder / "train")
+        reused = calibration is not None and calibration.get("reusable", False) and saved
+        if reused:  # the calibration stopped at this budget: its model is this run's
+            model, tokenizer = ctx.load(str(folder / "model"))
+            summary = {**calibration["train"], "train_time_s": 0.0, "eval_time_s": 0.0}
+        else:
+            model, tokenizer = ctx.load(target)
+            summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
+                              run_dir=folder / "train")
         evaluated = time.perf_counter()
         values = ctx.evaluate(model, tokenizer)
         eval_s = time.perf_counter() - evaluated
-        save_model(model, tokenizer, folder / "model", ctx.w)
+        if not reused:
+            save_model(model, tokenizer, folder / "model", ctx.w)
         del model
         if ctx.w.main:
             for leftover in (folder / "train").glob("checkpoint.*"):  # model/ is the product now
                 leftover.unlink()
-        unlearned = {"key": key, "method": label, "seed": seed, "metrics": values,
-                     "train": {k: summary[k] for k in ("steps", "time_s", "step_time_s", "trainable_params", "final")},
+        unlearned = {"key": key, "method": label, "seed": seed, "metrics": values, "reused_calibration": reused,
+                     "train": {k: summary[k] for k in TRAIN_SUMMARY},
                      "time": _times(start, summary["train_time_s"], summary["eval_time_s"] + eval_s)}
         ctx.write(folder / "unlearned.json", unlearned)
         done, fresh = dict.fromkeys(attacks), True
@@ -509,10 +522,16 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
             **({"matched": True, "calibration": calibration} if calibration is not None else {})}
 
 
+TRAIN_SUMMARY = ("steps", "time_s", "step_time_s", "trainable_params", "final")  # what a unit keeps of unlearn()'s
+
+
 def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target: str, retain: list[str]
                ) -> dict[str, Any]:
-    """The unit's calibration (`unlearn.matched`): unlearn to the largest budget, the validation metrics at
-    every budget, the budget chosen; calibration.json (skipped when done with the same settings)."""
+    """The unit's calibration (`unlearn.matched`): unlearn with the validation metrics at every budget until
+    the first one inside the band (or the largest), the budget chosen; calibration.json (skipped when done
+    with the same settings). A constant learning rate does not depend on the total steps, so the calibration
+    stopped at the chosen budget is the run of that budget: its model is kept as the unit's (model/,
+    "reusable") and the unit does not train again."""
     settings = ctx.cfg.matched
     run = replace(ucfg, steps=settings.budgets[-1], eval_every=settings.every, save_every=0)
     matched = {k: v for k, v in to_dict(settings).items() if k not in ("split", "split_seed")}  # in _bench_key
@@ -526,11 +545,21 @@ def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target:
         eval_fn = benchmark_eval_fn(tokenizer, validation_view(ctx.bench, settings.validation_metrics()),
                                     settings.validation_metrics(),
                                     max_samples=ctx.cfg.eval.max_samples, batch_size=ctx.cfg.eval.batch_size)
+        budgets = set(settings.budgets)
         summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, run,
-                          run_dir=folder / "calibration", eval_fn=eval_fn)
-        del model
+                          run_dir=folder / "calibration", eval_fn=eval_fn,
+                          stop=lambda step, values: step in budgets and fits(values, settings, ctx.matched_target))
         curve = [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]]
-        record = {"key": key, **choose_budget(curve, settings, ctx.matched_target), "curve": curve,
+        choice = choose_budget(curve, settings, ctx.matched_target)
+        reusable = choice["chosen"] == summary["steps"] and ucfg.schedule == "constant"
+        if reusable:
+            save_model(model, tokenizer, folder / "model", ctx.w)
+        del model
+        if ctx.w.main:
+            for leftover in (folder / "calibration").glob("checkpoint.*"):  # the record (and model/) is the product
+                leftover.unlink()
+        record = {"key": key, **choice, "curve": curve, "reusable": reusable,
+                  "train": {k: summary[k] for k in TRAIN_SUMMARY},
                   "time": _times(start, summary["train_time_s"], summary["eval_time_s"])}
         ctx.write(path, record)
     ctx.log("calibration", {"chosen": record["chosen"]}, method=label, seed=ucfg.seed)

@@ -49,6 +49,7 @@ from unlearn.objectives import OBJECTIVES, Objective, ObjectiveContext, SetupDat
 from unlearn.smoothers import SMOOTHERS, Smoother, StepTerms
 
 EvalFn = Callable[[nn.Module, int], dict[str, Any]]
+StopFn = Callable[[int, dict[str, Any]], bool]  # (step, the evaluation's values) -> end the run here
 SAM_SMOOTHERS = ("sam", "asam", "gsam")
 
 
@@ -164,6 +165,7 @@ def unlearn(
     run_dir: str | Path | None = None,
     ref_model: nn.Module | None = None,
     eval_fn: EvalFn | None = None,
+    stop: StopFn | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place with `cfg.objective` smoothed by `cfg.smoother`; returns the summary
     (also `run_dir`/summary.json, with config.yaml, metrics.jsonl and the checkpoint).
@@ -172,6 +174,10 @@ def unlearn(
     step). `eval_fn(model, step)` runs at step 0, every `cfg.eval_every` steps and at the end; its
     results go to metrics.jsonl and the summary's "evals". With `run_dir` and `cfg.resume`, a run
     with the same config and data continues from its last checkpoint (pass the same initial model).
+    `stop(step, values)`, asked after each evaluation before the last step, ends the run at that step when
+    true: the smoother finishes and the checkpoint and the summary ("steps", "stopped") say that step,
+    as a run of that many steps would end (the same run, when the learning rate does not depend on the
+    total: a constant schedule). A resumed run that had stopped stops again at once.
     """
     objective = OBJECTIVES.get(cfg.objective)
     forget, retain = list(forget), (list(retain) if retain is not None else None)
@@ -207,7 +213,7 @@ def unlearn(
             if objective.setup is not None:
                 objective.setup(state.model, ctx, SetupData(forget_data, retain_data, None))
             state.sharded(w, cfg.bf16)
-        summary = _train(state, cfg, objective, ctx, forget_data, retain_data, total, run_dir, eval_fn,
+        summary = _train(state, cfg, objective, ctx, forget_data, retain_data, total, run_dir, eval_fn, stop,
                          _fingerprint(forget, retain), w)
     except BaseException:
         state.restore(merge=False)
@@ -345,7 +351,7 @@ def _stream(n: int, start: int, count: int, seed: int, key: str) -> list[int]:
 def _train(
     state: _Prepared, cfg: UnlearnConfig, objective: Objective, ctx: ObjectiveContext,
     forget_data: dict[str, Tensor], retain_data: dict[str, Tensor] | None, total: int,
-    run_dir: str | Path | None, eval_fn: EvalFn | None, fingerprint: str, w: World,
+    run_dir: str | Path | None, eval_fn: EvalFn | None, stop: StopFn | None, fingerprint: str, w: World,
 ) -> dict[str, Any]:
     from transformers import get_scheduler
 
@@ -383,7 +389,7 @@ def _train(
 
     eval_times: list[float] = []
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         model.eval()
         with smoother.delivered():  # e.g. weight averaging's average so far: what a run ending here delivers
@@ -394,6 +400,7 @@ def _train(
             # writes into the shards would be missed by the next forward
         eval_times.append(time.perf_counter() - t0)
         log({"step": step, "kind": "eval", **result})
+        return result
 
     def check(saved: dict[str, Any]) -> None:
         if saved["config"] != config or saved["data"] != fingerprint:
@@ -421,6 +428,12 @@ def _train(
     model.train()
     if eval_fn is not None and start == 0:
         evaluate(0)
+    planned = total
+    if stop is not None and start > 0:  # a run that stopped at its checkpoint (saved after the smoother finished)
+        at = next((r for r in history if r["kind"] == "eval" and r["step"] == start), None)
+        values = {k: v for k, v in (at or {}).items() if k not in ("step", "kind")}
+        if at is not None and start < total and stop(start, values):
+            total = start
     n_forget, n_retain = len(forget_data["input_ids"]), (len(retain_data["input_ids"]) if retain_data else 0)
     per_step = cfg.batch_size * cfg.grad_accum  # each rank takes batch_size / w.size rows of every micro-batch
     progress = tqdm(total=total, initial=start, desc=f"{cfg.objective}+{cfg.smoother}", unit="step", disable=not w.main)
@@ -455,9 +468,14 @@ def _train(
         if step == total:
             smoother.finish()  # weight averaging swaps in the average: what is evaluated and saved
         if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            evaluate(step)
+            values = evaluate(step)
+            if stop is not None and step < total and stop(step, values):
+                smoother.finish()  # as at the last step, after the evaluation (which saw the delivered weights)
+                total = step
         if run_dir is not None and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
             checkpoint(step)
+        if step == total:
+            break
     progress.close()
 
     train_records = [r for r in history if r["kind"] == "train"]
@@ -465,6 +483,7 @@ def _train(
         "objective": cfg.objective,
         "smoother": cfg.smoother,
         "steps": total,
+        "stopped": total < planned,
         "resumed_from": start,
         "trainable_params": sum(p.numel() for p in params),
         "final": {k: v for k, v in train_records[-1].items() if k.endswith("loss")} if train_records else {},

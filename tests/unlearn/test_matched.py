@@ -166,7 +166,7 @@ def test_the_calibration_reads_the_validation_split_only(unlearn_bench: Path, tm
     replacing the validation tables does."""
     bench = load_benchmark(str(unlearn_bench))
     want = _calibration(unlearn_bench, tmp_path / "a", bench)
-    assert want["chosen"] == 1 and [r["step"] for r in want["curve"]] == [0, 1, 2]
+    assert want["chosen"] == 1 and [r["step"] for r in want["curve"]] == [0, 1]  # it stops at the chosen budget
     scrambled = {name: Dataset.from_list([{**row, "answer": (row["answer"] + 1) % 4} for row in table])
                  for name, table in bench.mc.items()}
     test_changed = replace(bench, mc={**bench.mc, "forget": scrambled["forget"], "utility": scrambled["utility"]})
@@ -176,9 +176,20 @@ def test_the_calibration_reads_the_validation_split_only(unlearn_bench: Path, tm
 
 
 def test_a_run_trains_each_method_for_its_chosen_budget(unlearn_bench: Path, tmp_path: Path) -> None:
+    """Band 1: the first budget is in it. The calibration stops there, and with a constant lr its model is
+    the unit's: the same unlearned values as a plain run of that many steps, without training again."""
     cfg = from_dict(RunConfig, unlearn_settings(unlearn_bench, tmp_path, matched={"budgets": [1, 3], "band": 1.0}))
     summary = pipeline.run_pipeline(cfg)
-    assert [u["train"]["steps"] for u in summary["units"]] == [1, 1]  # band 1: the first budget is in it
+    assert [u["train"]["steps"] for u in summary["units"]] == [1, 1]
+    unit = tmp_path / "small" / "npo+sam" / "seed0"
+    calibration = json.loads((unit / "calibration.json").read_text())
+    assert calibration["reusable"] and [r["step"] for r in calibration["curve"]] == [0, 1]
+    assert json.loads((unit / "unlearned.json").read_text())["reused_calibration"] and not (unit / "train").exists()
+    assert not list((unit / "calibration").glob("checkpoint.*"))
+    plain = pipeline.run_pipeline(from_dict(RunConfig, unlearn_settings(
+        unlearn_bench, tmp_path, name="plain", unlearn={**unlearn_settings(unlearn_bench, tmp_path)["unlearn"],
+                                                        "steps": 1})))
+    assert [u["unlearned"] for u in plain["units"]] == [u["unlearned"] for u in summary["units"]]
     assert (tmp_path / "small" / "calibration.md").read_text().count("| 1 |") == 2
     assert summary["unmatched"] == [] and summary["calibration"][0]["steps"] == 1
     # the profile: every stage's time, over all methods and per method, training + evaluation <= the stage
@@ -188,7 +199,8 @@ def test_a_run_trains_each_method_for_its_chosen_budget(unlearn_bench: Path, tmp
     assert sum(int(r["share"][:-1]) for r in summary["profile"] if r["method"] == "all") == pytest.approx(100, abs=2)
     for unit in summary["units"]:
         for stage, t in unit["time"].items():
-            assert 0 < t["train_s"] and 0 < t["eval_s"] and t["train_s"] + t["eval_s"] <= t["total_s"], stage
+            trained = stage != "unlearning"  # the calibration's model: not trained again
+            assert (0 < t["train_s"]) == trained and 0 < t["eval_s"] and t["train_s"] + t["eval_s"] <= t["total_s"]
     assert "| all | unlearning | 2 |" in (tmp_path / "small" / "profile.md").read_text()
 
 

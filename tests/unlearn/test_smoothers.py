@@ -217,3 +217,35 @@ def test_an_evaluation_at_step_k_sees_what_a_run_of_k_steps_delivers(smoother):
     final = dict(long.named_parameters())
     assert all(torch.equal(seen[4][n], final[n]) for n in final)
     assert not all(torch.equal(seen[2][n], final[n]) for n in final)
+
+
+@pytest.mark.parametrize("smoother", ["none", "wa"])
+def test_a_run_stopped_at_step_k_is_a_run_of_k_steps_and_stays_stopped(smoother, tmp_path):
+    """What reusing a calibration's model relies on: `stop` ends a constant-lr run at step k with the
+    weights a k-step run ends with (weight averaging: its average), and resuming it trains no further."""
+    from unlearn.train import unlearn
+
+    tok = tiny_tokenizer()
+    settings = {"objective": "npo", "smoother": smoother, "lr": 1e-2, "batch_size": 2, "max_length": 64,
+                "wa_start": 1, "wa_every": 1, "save_every": 0}
+    asked = []
+
+    def stop(step, values):
+        asked.append((step, values))
+        return step == 2
+
+    stopped = tiny_llama(tok)
+    cfg = UnlearnConfig(**settings, steps=6, eval_every=1)
+    summary = unlearn(stopped, tok, FORGET, RETAIN, cfg, eval_fn=lambda m, s: {"v": float(s)}, stop=stop,
+                      run_dir=tmp_path / "run")
+    assert asked == [(1, {"v": 1.0}), (2, {"v": 2.0})] and summary["steps"] == 2 and summary["stopped"] is True
+    short = tiny_llama(tok)
+    assert unlearn(short, tok, FORGET, RETAIN, UnlearnConfig(**settings, steps=2))["stopped"] is False
+    for name, p in short.named_parameters():
+        torch.testing.assert_close(dict(stopped.named_parameters())[name], p, rtol=0, atol=0)
+    again = tiny_llama(tok)
+    resumed = unlearn(again, tok, FORGET, RETAIN, cfg, eval_fn=lambda m, s: {"v": float(s)}, stop=stop,
+                      run_dir=tmp_path / "run")
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 2 and resumed["stopped"] is True
+    for name, p in short.named_parameters():
+        torch.testing.assert_close(dict(again.named_parameters())[name], p, rtol=0, atol=0)
