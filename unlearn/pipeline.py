@@ -497,8 +497,10 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
             eval_fn = benchmark_eval_fn(tokenizer, ctx.bench, curve, max_samples=cfg.eval.max_samples,
                                         batch_size=cfg.eval.batch_size)
             start = time.perf_counter()
+            known = unlearned["metrics"]  # the same weights' values: the curve's step 0, not evaluated again
             result = relearn(model, tokenizer, list(ctx.bench.corpora[rcfg.data]["text"]), rcfg, eval_fn=eval_fn,
-                             run_dir=run_dir, resume=cfg.resume and not fresh)
+                             run_dir=run_dir, resume=cfg.resume and not fresh,
+                             initial={m: known[m] for m in curve} if all(m in known for m in curve) else None)
             done[attack] = {"key": attack_key, "method": label, "seed": seed, "attack": attack, "curve": result["curve"],
                             "final": result["final"],
                             "draws": [{k: d[k] for k in ("draw", "samples", "curve", "final_loss")}

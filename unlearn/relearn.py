@@ -21,7 +21,7 @@ import copy
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -140,16 +140,21 @@ def relearn(
     eval_fn: EvalFn | None = None,
     run_dir: str | Path | None = None,
     resume: bool = True,
+    initial: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Attack `model` `cfg.draws` times; returns {"config", "pool_size", "draws": [{"draw", "samples",
     "curve", ...}], "curve": mean/std rows, "final": the last row, "time_s"}. `eval_fn(model, step)`
     gives the curve's values (without it, the curve is empty). With `run_dir`, each draw logs to
     `run_dir`/draw<k>/ (metrics.jsonl per step) and, with `resume`, a finished draw with the same
-    settings is not run again and an interrupted one continues from its checkpoint."""
+    settings is not run again and an interrupted one continues from its checkpoint. Every draw starts from
+    the same weights, so step 0 is evaluated once; `initial` (the curve's values of `model` as given, e.g.
+    its evaluation after unlearning) replaces even that one."""
     pool = list(forget_pool)
     if not pool:
         raise ValueError("forget_pool: expected at least one forget text, got none")
     draw_samples(len(pool), cfg.n_samples, cfg.seed, 0, cfg.data)  # n_samples vs the pool: checked before any training
+    if eval_fn is not None:
+        eval_fn = _start_evaluated_once(eval_fn, initial)
     start = time.perf_counter()
     device = device_of(model)
     if world().size > 1:
@@ -190,6 +195,20 @@ def relearn(
     if run_dir is not None and world().main:
         write_json(Path(run_dir) / "relearn.json", result)
     return result
+
+
+def _start_evaluated_once(eval_fn: EvalFn, initial: Mapping[str, Any] | None) -> EvalFn:
+    known = dict(initial) if initial is not None else None
+
+    def once(model: nn.Module, step: int) -> dict[str, Any]:
+        nonlocal known
+        if step != 0:
+            return eval_fn(model, step)
+        if known is None:
+            known = eval_fn(model, 0)
+        return dict(known)
+
+    return once
 
 
 def _attack(

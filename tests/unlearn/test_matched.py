@@ -190,6 +190,13 @@ def test_a_run_trains_each_method_for_its_chosen_budget(unlearn_bench: Path, tmp
         unlearn_bench, tmp_path, name="plain", unlearn={**unlearn_settings(unlearn_bench, tmp_path)["unlearn"],
                                                         "steps": 1})))
     assert [u["unlearned"] for u in plain["units"]] == [u["unlearned"] for u in summary["units"]]
+    # the attack's step 0 is the unit's evaluation after unlearning, equal to evaluating the saved model
+    model, tokenizer = load_model(str(unit / "model"))
+    curve = summary["units"][1]["curve"][0]
+    bench = load_benchmark(str(unlearn_bench))
+    assert evaluate(model, tokenizer, bench, metrics=[k for k in curve if k != "step" and not k.endswith("_std")],
+                    max_samples=4, batch_size=8) == {k: v for k, v in curve.items() if k != "step" and
+                                                     not k.endswith("_std")}
     assert (tmp_path / "small" / "calibration.md").read_text().count("| 1 |") == 2
     assert summary["unmatched"] == [] and summary["calibration"][0]["steps"] == 1
     # the profile: every stage's time, over all methods and per method, training + evaluation <= the stage

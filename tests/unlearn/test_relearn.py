@@ -1,6 +1,7 @@
 """The relearning attack: seeded draws without replacement, mean/std against a float64 reference,
 every draw starting from the unlearned weights (checked against the training loop run by hand on
-the same samples), the caller's model given back unchanged, resume per draw, and bad settings."""
+the same samples), the start evaluated once, the caller's model given back unchanged, resume per draw,
+and bad settings."""
 
 from __future__ import annotations
 
@@ -111,12 +112,32 @@ def test_the_lora_attack_leaves_the_unlearned_weights_untouched_between_draws(to
     cfg = config(lr=1e-2, options={"lora": True, "lora_r": 8, "lora_alpha": 16.0, "lora_targets": targets})
     result = relearn(model, tok, POOL, cfg, eval_fn=nll_eval(tok, POOL))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    starts = [d["curve"][0] for d in result["draws"]]
     unlearned = nll_eval(tok, POOL)(model, 0)["nll"]
-    for start in starts:  # each draw's adapters start at B = 0 on the unlearned weights: the unlearned model's output
-        assert start["nll"] == pytest.approx(unlearned, abs=1e-12)
+    # the adapters start at B = 0 on the unlearned weights: the unlearned model's output
+    assert result["draws"][0]["curve"][0]["nll"] == pytest.approx(unlearned, abs=1e-12)
     for draw in result["draws"]:
         assert draw["curve"][-1]["nll"] < draw["curve"][0]["nll"]  # the adapters relearned
+    # the second draw is the one a fresh copy of the unlearned model gives
+    samples = draw_samples(len(POOL), cfg.n_samples, cfg.seed, 1)
+    summary = unlearn(copy.deepcopy(model), tok, [POOL[i] for i in samples], None, cfg.train_config(1),
+                      eval_fn=nll_eval(tok, POOL))
+    assert result["draws"][1]["curve"][1:] == [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]][1:]
+
+
+def test_the_start_is_evaluated_once_or_taken_as_given(tok):
+    """Every draw starts from the same weights: step 0 is evaluated for the first draw only, and not at all
+    when its values are given (the unit's evaluation after unlearning)."""
+    calls = []
+
+    def counting(model, step):
+        calls.append(step)
+        return {"v": float(step)}
+
+    first = relearn(tiny_llama(tok), tok, POOL, config(), eval_fn=counting)
+    assert calls == [0, 2, 4, 2, 4] and first["draws"][1]["curve"][0] == {"step": 0, "v": 0.0}
+    calls.clear()
+    given = relearn(tiny_llama(tok), tok, POOL, config(), eval_fn=counting, initial={"v": -1.0})
+    assert calls == [2, 4, 2, 4] and [d["curve"][0] for d in given["draws"]] == [{"step": 0, "v": -1.0}] * 2
 
 
 def test_finished_draws_are_not_run_again(tok, tmp_path):
