@@ -1,6 +1,7 @@
 """Every unlearning config loads through RunConfig (no unknown keys, every method and seed valid), the
-paper-scale ones keep the reference settings and state their GPU memory, and the toy sweep covers
-every objective x {none, sam, rs} with 3 seeds."""
+paper-scale ones keep the reference settings and state their GPU memory, the toy sweep covers
+every objective x {none, sam, rs} with 3 seeds, and the matched configs hold out a validation split the
+benchmark's format supports and keep the methods of their unmatched counterparts."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from unlearn.objectives import OBJECTIVES
 from unlearn.pipeline import RunConfig, load_run_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs" / "unlearn").glob("*.yaml"))
-PAPER = ("wmdp_zephyr", "muse_news", "muse_books")
+PAPER = ("wmdp_zephyr", "muse_news", "muse_books", "wmdp_zephyr_matched", "muse_news_matched")
 
 
 def test_the_configs_are_there():
@@ -111,3 +112,44 @@ def test_the_matched_toy_protocol_covers_every_objective_and_smoother_with_three
     assert (unrelated.data, unrelated.n_samples) == ("retain", 10)
     assert len(cfg.baselines()) == 20 and all(w.wa_start <= cfg.matched.budgets[0] for w in
                                              (cfg.method_config(i, 0) for i in range(len(cfg.methods))))
+
+
+@pytest.mark.parametrize("stem, reference", [("wmdp_zephyr_matched", "wmdp_zephyr"),
+                                             ("muse_news_matched", "muse_news")])
+def test_the_matched_paper_configs_split_their_benchmark_and_keep_the_reference_methods(stem: str, reference: str):
+    """The same methods as the reference config (learning rates, objectives' and smoothers' settings), with a
+    constant schedule (the calibration's model is then the run's), a validation split held out of the
+    benchmark's questions, and the attacks of Unlearn-Smooth and Lucki et al."""
+    from unlearn.benchmarks import Benchmark, build_toy
+    from unlearn.eval import available_metrics
+    from unlearn.matched import check_validation, split_validation
+
+    cfg, ref = (load_run_config(next(p for p in CONFIGS if p.stem == s)) for s in (stem, reference))
+    mine = {cfg.method_label(i): cfg.method_config(i, 0) for i in range(len(cfg.methods))}
+    theirs = {ref.method_label(i): ref.method_config(i, 0) for i in range(len(ref.methods))}
+    assert set(mine) == set(theirs)
+    kept = ("objective", "smoother", "lr", "beta", "gamma", "rho", "sigma", "rs_samples", "lora", "rmu_layer",
+            "rmu_steering", "batch_size", "grad_accum", "max_length", "bf16", "gradient_checkpointing")
+    for label, method in mine.items():
+        assert method.schedule == "constant", label
+        assert {k: getattr(method, k) for k in kept} == {k: getattr(theirs[label], k) for k in kept}, label
+    assert len(cfg.seeds) == 3 and cfg.matched.split is not None
+    assert cfg.attack_names() == ["relearn", "lora", "unrelated"] and cfg.relearn == ref.relearn.__class__(
+        **{**vars(ref.relearn), "draws": cfg.relearn.draws})
+    lora, unrelated = cfg.unit_relearn(0, "lora"), cfg.unit_relearn(0, "unrelated")
+    assert (lora.lr, lora.options["lora_r"], lora.options["lora_alpha"]) == (2e-4, 128, 16.0)
+    assert len(lora.options["lora_targets"]) == 7 and unrelated.n_samples == 10 and unrelated.data != "forget"
+    toy = build_toy(0)  # the benchmark's format: WMDP has multiple choice only, MUSE its tables only
+    bench = Benchmark(cfg.benchmark, mc={k: toy.mc[k] for k in ("forget", "utility")}) if cfg.benchmark == "wmdp" \
+        else Benchmark(cfg.benchmark, muse={k: v for k, v in toy.muse.items()})
+    split = split_validation(bench, cfg.matched.split, cfg.matched.split_seed)
+    check_validation(split, cfg.matched, available_metrics(split))
+    assert set(cfg.matched.validation_metrics()) <= set(available_metrics(split))
+
+
+def test_the_matched_smollm2_config_is_issue_17s_run():
+    cfg = load_run_config(next(p for p in CONFIGS if p.stem == "toy_smollm2_matched"))
+    assert [cfg.method_label(i) for i in range(len(cfg.methods))] == ["npo", "npo+sam"] and len(cfg.seeds) == 3
+    assert cfg.prepare.scale == "smollm2" and cfg.matched is not None and cfg.matched.split is None
+    assert (cfg.relearn.data, cfg.relearn.draws) == ("forget", 3) and cfg.unit_relearn(0, "lora").draws == 1
+    assert all(cfg.method_config(i, 0).schedule == "constant" for i in range(2))
