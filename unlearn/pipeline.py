@@ -695,9 +695,10 @@ def check_pipeline(cfg: RunConfig, w: World | None = None) -> Any:
 def _resilience(ctx: _Run, references: Mapping[str, Any], units: list[dict[str, Any]],
                 curves: Mapping[str, list[str]]) -> dict[str, Any]:
     """The relearning summaries (`unlearn.summaries`) of every attack: per method, and smoothed - plain
-    paired over (seed, draw); written as resilience.csv/.md and paired.csv/.md."""
+    paired over seeds (each seed's draws averaged: they attack one model) and over (seed, draw); written as
+    resilience.csv/.md and paired.csv/.md."""
     from shared.report import write_table
-    from unlearn.summaries import SUMMARIES, method_summaries, paired_summaries, unit_summaries
+    from unlearn.summaries import SUMMARIES, method_summaries, paired_summaries, seed_means, unit_summaries
 
     def cell(stat: Mapping[str, Any]) -> str:
         return _fmt(stat if stat["mean"] is not None else None)
@@ -711,22 +712,25 @@ def _resilience(ctx: _Run, references: Mapping[str, Any], units: list[dict[str, 
         draws = [{**u, "draws": u["attacks"][attack]["draws"]} for u in units]
         summaries = unit_summaries(draws, references["target"]["metrics"], curve)
         per_method = method_summaries(summaries, curve)
-        paired = paired_summaries(summaries, out["pairs"], curve)
-        out["attacks"][attack] = {"methods": per_method, "paired": paired}
+        paired = {"seeds": paired_summaries(seed_means(summaries), out["pairs"], curve),
+                  "draws": paired_summaries(summaries, out["pairs"], curve)}
+        out["attacks"][attack] = {"methods": per_method, "paired": paired["seeds"], "paired_draws": paired["draws"]}
         rows += [{"attack": attack, "method": label,
                   **{f"{m} {name}": cell(per_method[label][name][m]) for name in SUMMARIES for m in curve}}
                  for label in per_method]
         paired_rows += [{"attack": attack, "comparison": f"{r['method']} - {r['baseline']}", "summary": r["summary"],
-                         "metric": r["metric"], "pairs": str(r["n"]), "mean difference": f"{r['mean']:+.3f}",
-                         "95% CI": interval(r), "p": "" if r["p_value"] is None else f"{r['p_value']:.3g}"}
-                        for r in paired]
+                         "metric": r["metric"], "paired over": over, "pairs": str(r["n"]),
+                         "mean difference": f"{r['mean']:+.3f}", "95% CI": interval(r),
+                         "p": "" if r["p_value"] is None else f"{r['p_value']:.3g}"}
+                        for over, key in (("seeds", "seeds"), ("(seed, draw)", "draws")) for r in paired[key]]
     columns = list(dict.fromkeys(c for row in rows for c in row))
     write_table(ctx.run.path / "resilience", [{c: row.get(c, "") for c in columns} for row in rows],
                 title="After each attack, over seeds and draws: AUC of each forget curve (its mean over the steps), "
                       "recovery (after - unlearned) / (target - unlearned), final value")
     if paired_rows:
         write_table(ctx.run.path / "paired", paired_rows,
-                    title="Smoothed - plain, paired over (seed, draw): negative = less came back with the smoother")
+                    title="Smoothed - plain, paired over seeds (each seed's draws averaged: they attack one model) "
+                          "and over (seed, draw): negative = less came back with the smoother")
     return out
 
 

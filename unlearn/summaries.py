@@ -8,7 +8,9 @@
 - `paired_summaries`: per smoothed method, the difference smoothed minus plain (the same objective
   without a smoother) of each summary, paired over (seed, draw): both methods start from the same
   target, are attacked with the same samples, and the pairing removes what seeds and draws share.
-  Mean and 95 % Student-t interval (`shared.stats.paired_difference`).
+  Mean and 95 % Student-t interval (`shared.stats.paired_difference`). The draws of one seed attack the
+  same unlearned model, so they are not independent: `seed_means` averages them first, and the pairs
+  over seeds give the honest (wider) interval.
 
 For a forget metric (higher = more remembered), lower AUC and lower recovery mean more resilient.
 """
@@ -84,11 +86,24 @@ def method_summaries(summaries: Mapping[tuple[str, int, int], Mapping[str, Mappi
     return out
 
 
-def paired_summaries(summaries: Mapping[tuple[str, int, int], Mapping[str, Mapping[str, float | None]]],
+def seed_means(summaries: Mapping[tuple[str, int, int], Mapping[str, Mapping[str, float | None]]]
+               ) -> dict[tuple[str, int], dict[str, dict[str, float | None]]]:
+    """{(method, seed): each summary and metric averaged over the seed's draws (where defined; None where no
+    draw has it)}: one value per unlearned model."""
+    out: dict[tuple[str, int], dict[str, dict[str, float | None]]] = {}
+    for method, seed in dict.fromkeys(key[:2] for key in summaries):
+        rows = [v for key, v in summaries.items() if key[:2] == (method, seed)]
+        out[method, seed] = {name: {m: (float(np.mean(d)) if (d := [r[name][m] for r in rows
+                                                                       if r[name][m] is not None]) else None)
+                                    for m in rows[0][name]} for name in SUMMARIES}
+    return out
+
+
+def paired_summaries(summaries: Mapping[tuple[Any, ...], Mapping[str, Mapping[str, float | None]]],
                      pairs: Mapping[str, str], metrics: Sequence[str], confidence: float = 0.95
                      ) -> list[dict[str, Any]]:
     """For each (smoothed, plain) in `pairs`: the paired difference smoothed - plain of every summary and
-    metric over the (seed, draw) keys both have (and where both values are defined)."""
+    metric over the keys both have, (seed, draw) or (seed,) of `seed_means` (where both values are defined)."""
     rows = []
     for smoothed, plain in pairs.items():
         keys = sorted({k[1:] for k in summaries if k[0] == smoothed} & {k[1:] for k in summaries if k[0] == plain})

@@ -63,8 +63,8 @@ def test_writes_every_result_file(finished):
 
 
 def test_the_relearning_summaries_pair_each_smoother_with_its_plain_method(finished):
-    """AUC, recovery and final value per method, and npo+sam - npo paired over the seed's 2 draws,
-    recomputed here from the recorded curves."""
+    """AUC, recovery and final value per method, and npo+sam - npo paired over the seed's 2 draws and over
+    the seed (its draws averaged), recomputed here from the recorded curves."""
     from unlearn.summaries import curve_auc
 
     cfg, summary = finished
@@ -74,9 +74,11 @@ def test_the_relearning_summaries_pair_each_smoother_with_its_plain_method(finis
     metric = summary["curve_metrics"][0]
     units = {u["method"]: u for u in summary["units"]}
     aucs = {m: [curve_auc(d["curve"], metric) for d in units[m]["draws"]] for m in ("npo", "npo+sam")}
-    row = next(r for r in resilience["paired"] if r["summary"] == "auc" and r["metric"] == metric)
+    row = next(r for r in resilience["paired_draws"] if r["summary"] == "auc" and r["metric"] == metric)
     assert row["n"] == cfg.relearn.draws == 2
     assert row["mean"] == pytest.approx(sum(a - b for a, b in zip(aucs["npo+sam"], aucs["npo"])) / 2)
+    seed = next(r for r in resilience["paired"] if r["summary"] == "auc" and r["metric"] == metric)
+    assert (seed["n"], seed["mean"]) == (1, pytest.approx(row["mean"]))  # one seed: its draws averaged
     assert resilience["methods"]["npo"]["auc"][metric]["mean"] == pytest.approx(sum(aucs["npo"]) / 2)
     for name in ("resilience", "paired"):
         assert (run / f"{name}.csv").is_file() and (run / f"{name}.md").is_file()

@@ -1,5 +1,6 @@
 """The relearning summaries against values computed by hand: the normalized area under a curve, the
-recovery ratio, and the paired difference smoothed - plain over (seed, draw) with its t interval."""
+recovery ratio, and the paired difference smoothed - plain over (seed, draw) and over seeds (draws averaged)
+with its t interval."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from unlearn.summaries import (
     method_summaries,
     paired_summaries,
     recovery_ratio,
+    seed_means,
     unit_summaries,
 )
 
@@ -72,6 +74,22 @@ def test_paired_difference_over_seeds_and_draws() -> None:
     per_method = method_summaries(summaries, ["forget_acc"])
     assert per_method["npo"]["final"]["forget_acc"]["mean"] == pytest.approx(0.65)
     assert per_method["npo+sam"]["final"]["forget_acc"] == {"mean": pytest.approx(0.4), "std": 0.0, "n": 4}
+
+
+def test_pairs_over_seeds_average_each_seeds_draws_first() -> None:
+    """The draws of a seed attack one unlearned model: over seeds, the differences are -0.15 and -0.35 (the
+    means of -0.1, -0.2 and of -0.3, -0.4), 2 pairs, t_{0.975, 1} = 12.706."""
+    summaries = unit_summaries(units("npo", [[0.5, 0.6], [0.7, 0.8]]) + units("npo+sam", [[0.4, 0.4], [0.4, 0.4]]),
+                               {"forget_acc": 0.8}, ["forget_acc"])
+    means = seed_means(summaries)
+    assert set(means) == {(m, s) for m in ("npo", "npo+sam") for s in (0, 1)}
+    assert means["npo", 1]["final"]["forget_acc"] == pytest.approx(0.75)
+    final = next(r for r in paired_summaries(means, {"npo+sam": "npo"}, ["forget_acc"]) if r["summary"] == "final")
+    half = 12.706204736174698 * math.sqrt(2 * 0.1**2) / math.sqrt(2)
+    assert (final["n"], final["mean"]) == (2, pytest.approx(-0.25))
+    assert (final["ci_low"], final["ci_high"]) == (pytest.approx(-0.25 - half), pytest.approx(-0.25 + half))
+    undefined = seed_means(unit_summaries(units("npo", [[0.5, 0.6]]), {"forget_acc": 0.2}, ["forget_acc"]))
+    assert undefined["npo", 0]["recovery"]["forget_acc"] is None
 
 
 def test_undefined_recoveries_are_left_out_of_the_pairs() -> None:
