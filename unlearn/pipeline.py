@@ -727,6 +727,14 @@ def _resilience(ctx: _Run, references: Mapping[str, Any], units: list[dict[str, 
     write_table(ctx.run.path / "resilience", [{c: row.get(c, "") for c in columns} for row in rows],
                 title="After each attack, over seeds and draws: AUC of each forget curve (its mean over the steps), "
                       "recovery (after - unlearned) / (target - unlearned), final value")
+    seed_pairs = [{**r, "attack": a} for a in curves for r in out["attacks"][a]["paired"]]
+    if seed_pairs:
+        from unlearn.plots import paired_forest
+
+        matched = ctx.cfg.matched.metric if ctx.cfg.matched is not None else None
+        metric = matched if matched in curves[PRIMARY] else curves[PRIMARY][0]  # what the methods were matched on
+        paired_forest(ctx.run.path / "paired.png", seed_pairs, metric, "auc",
+                      f"Smoothed - plain, AUC of {metric} over each attack, paired over seeds (95 % t interval)")
     if paired_rows:
         write_table(ctx.run.path / "paired", paired_rows,
                     title="Smoothed - plain, paired over seeds (each seed's draws averaged: they attack one model) "

@@ -1,6 +1,7 @@
-"""The two figures of an unlearning run (matplotlib PNG, written atomically): the metrics before
-unlearning, after it and after the relearning attack, as bars per method; and the relearning
-curves, forget metrics against relearning steps, mean +- std per method."""
+"""The figures of an unlearning run (matplotlib PNG, written atomically): the metrics before
+unlearning, after it and after the relearning attack, as bars per method; the relearning curves,
+forget metrics against relearning steps, mean +- std per method; and the smoothed - plain paired
+differences with their intervals, per attack."""
 
 from __future__ import annotations
 
@@ -109,5 +110,30 @@ def relearn_curves(
     for ax in list(axes.flat)[len(metrics):]:
         ax.set_visible(False)
     _legend(fig, axes.flat[0])
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def paired_forest(path: Path, rows: Sequence[Mapping[str, Any]], metric: str, summary: str, title: str) -> None:
+    """One panel per attack: each smoothed - plain difference of `summary` on `metric` (rows of
+    `unlearn.summaries.paired_summaries` with an "attack" key) as its mean and 95 % interval, with 0 marked:
+    left of it, less came back with the smoother."""
+    plt = _pyplot()
+    mine = [r for r in rows if r["metric"] == metric and r["summary"] == summary]
+    attacks = list(dict.fromkeys(r["attack"] for r in mine))
+    comparisons = list(dict.fromkeys(f"{r['method']} - {r['baseline']}" for r in mine))
+    fig, axes = plt.subplots(1, len(attacks), figsize=(3.6 * len(attacks) + 1.6, 0.32 * len(comparisons) + 1.4),
+                             squeeze=False, sharey=True, constrained_layout=True)
+    for ax, attack in zip(axes.flat, attacks):
+        for r in (r for r in mine if r["attack"] == attack):
+            y = comparisons.index(f"{r['method']} - {r['baseline']}")
+            low, high = r["ci_low"], r["ci_high"]
+            if low is not None:
+                ax.plot([low, high], [y, y], color="tab:blue", linewidth=1.5)
+            ax.plot([r["mean"]], [y], "o", color="tab:blue", markersize=4)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set(title=attack, xlabel=f"{summary} of {metric}: difference", yticks=range(len(comparisons)),
+               yticklabels=comparisons, ylim=(len(comparisons) - 0.5, -0.5))
+        ax.grid(axis="x", alpha=0.3)
     fig.suptitle(title)
     save_figure(fig, path)

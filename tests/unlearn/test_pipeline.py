@@ -82,6 +82,7 @@ def test_the_relearning_summaries_pair_each_smoother_with_its_plain_method(finis
     assert resilience["methods"]["npo"]["auc"][metric]["mean"] == pytest.approx(sum(aucs["npo"]) / 2)
     for name in ("resilience", "paired"):
         assert (run / f"{name}.csv").is_file() and (run / f"{name}.md").is_file()
+    assert (run / "paired.png").stat().st_size > 10_000  # the forest plot of the differences
     assert "npo+sam - npo" in (run / "paired.md").read_text()
 
 
