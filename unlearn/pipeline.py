@@ -472,7 +472,7 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
         else:
             model, tokenizer = ctx.load(target)
             summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
-                              run_dir=folder / "train")
+                              run_dir=folder / "train", replace_stale=True)
         evaluated = time.perf_counter()
         values = ctx.evaluate(model, tokenizer)
         eval_s = time.perf_counter() - evaluated
@@ -549,7 +549,7 @@ def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target:
                                     max_samples=ctx.cfg.eval.max_samples, batch_size=ctx.cfg.eval.batch_size)
         budgets = set(settings.budgets)
         summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, run,
-                          run_dir=folder / "calibration", eval_fn=eval_fn,
+                          run_dir=folder / "calibration", eval_fn=eval_fn, replace_stale=True,
                           stop=lambda step, values: step in budgets and fits(values, settings, ctx.matched_target))
         curve = [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]]
         choice = choose_budget(curve, settings, ctx.matched_target)

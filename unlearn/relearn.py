@@ -225,7 +225,8 @@ def _attack(
     record = on_main(lambda: read_result(done), w) if resume and done is not None else None
     if isinstance(record, dict) and {k: record.get(k) for k in key} == key:
         return record
-    summary = unlearn(fresh(), tokenizer, texts, None, train_cfg, run_dir=run_dir, eval_fn=eval_fn)
+    summary = unlearn(fresh(), tokenizer, texts, None, train_cfg, run_dir=run_dir, eval_fn=eval_fn,
+                      replace_stale=True)  # the draw's folder: a checkpoint of other settings is left over
     record = {
         "draw": draw, **key,
         "steps": summary["steps"],

@@ -50,6 +50,12 @@ from unlearn.smoothers import SMOOTHERS, Smoother, StepTerms
 
 EvalFn = Callable[[nn.Module, int], dict[str, Any]]
 StopFn = Callable[[int, dict[str, Any]], bool]  # (step, the evaluation's values) -> end the run here
+
+
+class _Stale(ConfigError):
+    """A checkpoint of another config or other data in the run folder."""
+
+
 SAM_SMOOTHERS = ("sam", "asam", "gsam")
 
 
@@ -166,6 +172,7 @@ def unlearn(
     ref_model: nn.Module | None = None,
     eval_fn: EvalFn | None = None,
     stop: StopFn | None = None,
+    replace_stale: bool = False,
 ) -> dict[str, Any]:
     """Train `model` in place with `cfg.objective` smoothed by `cfg.smoother`; returns the summary
     (also `run_dir`/summary.json, with config.yaml, metrics.jsonl and the checkpoint).
@@ -177,7 +184,9 @@ def unlearn(
     `stop(step, values)`, asked after each evaluation before the last step, ends the run at that step when
     true: the smoother finishes and the checkpoint and the summary ("steps", "stopped") say that step,
     as a run of that many steps would end (the same run, when the learning rate does not depend on the
-    total: a constant schedule). A resumed run that had stopped stops again at once.
+    total: a constant schedule). A resumed run that had stopped stops again at once. A checkpoint in
+    `run_dir` from another config or other data is an error, or with `replace_stale` (a caller that owns
+    the folder and has decided the run must happen with these settings) is discarded and the run starts over.
     """
     objective = OBJECTIVES.get(cfg.objective)
     forget, retain = list(forget), (list(retain) if retain is not None else None)
@@ -214,7 +223,7 @@ def unlearn(
                 objective.setup(state.model, ctx, SetupData(forget_data, retain_data, None))
             state.sharded(w, cfg.bf16)
         summary = _train(state, cfg, objective, ctx, forget_data, retain_data, total, run_dir, eval_fn, stop,
-                         _fingerprint(forget, retain), w)
+                         replace_stale, _fingerprint(forget, retain), w)
     except BaseException:
         state.restore(merge=False)
         raise
@@ -351,7 +360,8 @@ def _stream(n: int, start: int, count: int, seed: int, key: str) -> list[int]:
 def _train(
     state: _Prepared, cfg: UnlearnConfig, objective: Objective, ctx: ObjectiveContext,
     forget_data: dict[str, Tensor], retain_data: dict[str, Tensor] | None, total: int,
-    run_dir: str | Path | None, eval_fn: EvalFn | None, stop: StopFn | None, fingerprint: str, w: World,
+    run_dir: str | Path | None, eval_fn: EvalFn | None, stop: StopFn | None, replace_stale: bool, fingerprint: str,
+    w: World,
 ) -> dict[str, Any]:
     from transformers import get_scheduler
 
@@ -404,11 +414,16 @@ def _train(
 
     def check(saved: dict[str, Any]) -> None:
         if saved["config"] != config or saved["data"] != fingerprint:
-            raise ConfigError(f"{run.path}: holds a run with another config or other data; use another run "
-                              "folder or set resume=false")
+            raise _Stale(f"{run.path}: holds a run with another config or other data; use another run folder or "
+                         "set resume=false")
 
     if run_dir is not None:
-        saved = run.load_checkpoint(check=check) if run is not None and cfg.resume else None
+        try:
+            saved = run.load_checkpoint(check=check) if run is not None and cfg.resume else None
+        except _Stale:
+            if not replace_stale:
+                raise
+            saved = None  # started over below: the checkpoint and its records are removed
         saved = broadcast(saved, w)  # rank 0 reads the run folder; every rank resumes from what it read
         if saved is not None:
             with torch.no_grad():

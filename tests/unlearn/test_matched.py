@@ -211,6 +211,26 @@ def test_a_run_trains_each_method_for_its_chosen_budget(unlearn_bench: Path, tmp
     assert "| all | unlearning | 2 |" in (tmp_path / "small" / "profile.md").read_text()
 
 
+def test_a_checkpoint_left_by_other_settings_does_not_stop_the_run(unlearn_bench: Path, tmp_path: Path) -> None:
+    """A calibration interrupted under other settings (here: another lr) leaves a checkpoint; the run with the
+    new settings discards it and calibrates afresh instead of refusing to resume it."""
+    from unlearn.train import UnlearnConfig, unlearn
+
+    settings = unlearn_settings(unlearn_bench, tmp_path, methods=[{"objective": "npo"}], relearn={
+        "n_samples": 2, "draws": 1, "lr": 1e-3, "steps": 1, "batch_size": 2, "max_length": 96, "eval_every": 1},
+        matched={"budgets": [1, 2], "band": 1.0})
+    pipeline.run_pipeline(from_dict(RunConfig, {**settings, "unlearn": {**settings["unlearn"], "lr": 5e-4}}))
+    bench = load_benchmark(str(unlearn_bench))
+    model, tokenizer = load_model(bench.models["target"])
+    unit = tmp_path / "small" / "npo" / "seed0"
+    unlearn(model, tokenizer, list(bench.corpora["forget"]["text"]), list(bench.corpora["retain"]["text"]),
+            UnlearnConfig(objective="npo", lr=5e-4, steps=1, batch_size=2, max_length=96, save_every=1),
+            run_dir=unit / "calibration")
+    assert (unit / "calibration" / "checkpoint.safetensors").is_file()
+    summary = pipeline.run_pipeline(from_dict(RunConfig, settings))  # lr 1e-3: the calibration runs again
+    assert summary["units"][0]["train"]["steps"] == 1 and json.loads((unit / "calibration.json").read_text())["reusable"]
+
+
 def test_a_band_no_method_reaches_stops_the_run_with_the_calibration_written(unlearn_bench: Path, tmp_path: Path
                                                                              ) -> None:
     from shared.errors import RunError

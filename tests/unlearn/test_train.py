@@ -135,6 +135,13 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(tok, tmp_path):
     assert [(r["step"], r["kind"]) for r in lines] == expected
     with pytest.raises(ConfigError, match="another config or other data"):
         unlearn(tiny_llama(tok), tok, FORGET[:3], RETAIN, cfg, run_dir=tmp_path / "part")
+    # a caller that owns the folder (the pipeline, after a setting changed) replaces the stale run
+    other, fresh = tiny_llama(tok), tiny_llama(tok)
+    restarted = unlearn(other, tok, FORGET[:3], RETAIN, cfg, run_dir=tmp_path / "part", replace_stale=True)
+    unlearn(fresh, tok, FORGET[:3], RETAIN, cfg)
+    assert restarted["resumed_from"] == 0 and same(params_of(other), params_of(fresh))
+    lines = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]  # the stale records are gone
 
 
 # ----------------------------------------------------------------------------- divergence
