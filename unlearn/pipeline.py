@@ -464,27 +464,9 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
     if unlearned is not None and None in done.values() and not saved:
         unlearned = None  # the model was removed (keep_models=false) and an attack must run again
     if unlearned is None:
-        start = time.perf_counter()
-        reused = calibration is not None and calibration.get("reusable", False) and saved
-        if reused:  # the calibration stopped at this budget: its model is this run's
-            model, tokenizer = ctx.load(str(folder / "model"))
-            summary = {**calibration["train"], "train_time_s": 0.0, "eval_time_s": 0.0}
-        else:
-            model, tokenizer = ctx.load(target)
-            summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
-                              run_dir=folder / "train", replace_stale=True)
-        evaluated = time.perf_counter()
-        values = ctx.evaluate(model, tokenizer)
-        eval_s = time.perf_counter() - evaluated
-        if not reused:
-            save_model(model, tokenizer, folder / "model", ctx.w)
-        del model
-        if ctx.w.main:
-            for leftover in (folder / "train").glob("checkpoint.*"):  # model/ is the product now
-                leftover.unlink()
-        unlearned = {"key": key, "method": label, "seed": seed, "metrics": values, "reused_calibration": reused,
-                     "train": {k: summary[k] for k in TRAIN_SUMMARY},
-                     "time": _times(start, summary["train_time_s"], summary["eval_time_s"] + eval_s)}
+        reuse = calibration is not None and calibration.get("reusable", False) and saved
+        unlearned = {"key": key, "method": label, "seed": seed,
+                     **_unlearn_unit(ctx, ucfg, folder, target, retain, calibration if reuse else None)}
         ctx.write(folder / "unlearned.json", unlearned)
         done, fresh = dict.fromkeys(attacks), True
     ctx.log("unlearned", unlearned["metrics"], method=label, seed=seed)
@@ -522,6 +504,32 @@ def _unit(ctx: _Run, i: int, seed: int, retain: list[str]) -> dict[str, Any]:
             "curve": primary["curve"], "draws": primary["draws"], "train": unlearned["train"],
             "attacks": {a: {k: done[a][k] for k in ("final", "curve", "draws")} for a in attacks},
             **({"matched": True, "calibration": calibration} if calibration is not None else {})}
+
+
+def _unlearn_unit(ctx: _Run, ucfg: UnlearnConfig, folder: Path, target: str, retain: list[str],
+                  calibration: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Unlearn (or take the model of `calibration`, which stopped at this budget), evaluate, and save the
+    model to `folder`/model: the unit's metrics, training summary and times."""
+    start = time.perf_counter()
+    if calibration is not None:
+        model, tokenizer = ctx.load(str(folder / "model"))
+        summary = {**calibration["train"], "train_time_s": 0.0, "eval_time_s": 0.0}
+    else:
+        model, tokenizer = ctx.load(target)
+        summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, ucfg,
+                          run_dir=folder / "train", replace_stale=True)
+    evaluated = time.perf_counter()
+    values = ctx.evaluate(model, tokenizer)
+    eval_s = time.perf_counter() - evaluated
+    if calibration is None:
+        save_model(model, tokenizer, folder / "model", ctx.w)
+    del model
+    if ctx.w.main:
+        for leftover in (folder / "train").glob("checkpoint.*"):  # model/ is the product now
+            leftover.unlink()
+    return {"metrics": values, "reused_calibration": calibration is not None,
+            "train": {k: summary[k] for k in TRAIN_SUMMARY},
+            "time": _times(start, summary["train_time_s"], summary["eval_time_s"] + eval_s)}
 
 
 TRAIN_SUMMARY = ("steps", "time_s", "step_time_s", "trainable_params", "final")  # what a unit keeps of unlearn()'s
