@@ -13,10 +13,10 @@ MUSE) gets one from `split`: a seeded fraction of each question table's distinct
 overlap the test questions, and the calibration evaluates a view of the benchmark that holds the
 tables of the validation metrics alone, so the test tables cannot reach it.
 
-The calibration trains once to the largest budget, evaluating the validation metrics at every
-budget; the run then trains with the chosen budget as its `steps`. With a constant learning rate
-(the toy configs) that run is the calibration's prefix; with a decaying schedule it is the schedule
-sized for the chosen budget.
+The calibration trains until the first budget inside the band (or to the largest), evaluating the
+validation metrics at every budget. With a constant learning rate (every matched config) the rate does
+not depend on the total steps, so the calibration stopped there is the run of that budget and its model
+is the unit's; with a decaying schedule the unit trains again, with the schedule sized for the budget.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 
 from shared.config import ConfigError
+from unlearn.benchmarks.base import SECTIONS
 from unlearn.eval import METRICS, SPLITTABLE, VALIDATION, splittable
 
-VALIDATION_SUFFIX = VALIDATION
 TOLERANCE = 1e-12  # accuracies are fractions of counts: 0.31 - 0.26 is 0.05 plus a rounding error
 
 
@@ -70,7 +70,7 @@ class MatchedSettings:
                               f"got {self.split!r}")
 
     def validation_metrics(self) -> list[str]:
-        return [m + VALIDATION_SUFFIX for m in (self.metric, self.utility) if m is not None]
+        return [m + VALIDATION for m in (self.metric, self.utility) if m is not None]
 
     @property
     def every(self) -> int:
@@ -81,18 +81,18 @@ class MatchedSettings:
 def check_validation(bench: Any, settings: MatchedSettings, available: Sequence[str]) -> None:
     """The validation metrics exist on `bench`, and their questions are not test questions."""
     for field_name, metric in (("metric", settings.metric), ("utility", settings.utility)):
-        if metric is not None and metric + VALIDATION_SUFFIX not in available:
+        if metric is not None and metric + VALIDATION not in available:
             hint = "" if settings.split is not None else " (set matched.split, e.g. 0.2, to hold out a fraction of " \
                 "its questions as one)"
-            have = ", ".join(m for m in available if m.endswith(VALIDATION_SUFFIX)) or "none"
+            have = ", ".join(m for m in available if m.endswith(VALIDATION)) or "none"
             raise ConfigError(f"matched.{field_name}: {bench.name} has no validation split for {metric}{hint}; "
                               f"its validation metrics: {have}")
     for section, tables in ((s, getattr(bench, s)) for s in SPLITTABLE):
-        for key in [k for k in tables if splittable(section, k) and k + VALIDATION_SUFFIX in tables]:
+        for key in [k for k in tables if splittable(section, k) and k + VALIDATION in tables]:
             column = _question_column(tables[key])
-            shared = set(tables[key + VALIDATION_SUFFIX][column]) & set(tables[key][column])
+            shared = set(tables[key + VALIDATION][column]) & set(tables[key][column])
             if shared:
-                raise ConfigError(f"matched: the validation split {section}/{key}{VALIDATION_SUFFIX} shares "
+                raise ConfigError(f"matched: the validation split {section}/{key}{VALIDATION} shares "
                                   f"{len(shared)} {column}(s) with the test split {section}/{key} (e.g. "
                                   f"{min(shared)!r}); a calibration must not see the questions it is judged on")
 
@@ -110,14 +110,14 @@ def split_validation(bench: Any, fraction: float, seed: int) -> Any:
     for section in SPLITTABLE:
         tables = getattr(bench, section)
         keys = [k for k in tables if splittable(section, k)]
-        clash = [k for k in keys if k + VALIDATION_SUFFIX in tables]
+        clash = [k for k in keys if k + VALIDATION in tables]
         if clash:
             raise ConfigError(f"matched.split: {bench.name} has a validation split already ({section}/{clash[0]}"
-                              f"{VALIDATION_SUFFIX}); leave matched.split unset to use it")
+                              f"{VALIDATION}); leave matched.split unset to use it")
         halves = {k: _halves(tables, k, fraction, seed) for k in keys}
         replaced[section] = tables.replaced({
             **{k: (lambda h=h: h()[0]) for k, h in halves.items()},
-            **{k + VALIDATION_SUFFIX: (lambda h=h: h()[1]) for k, h in halves.items()}})
+            **{k + VALIDATION: (lambda h=h: h()[1]) for k, h in halves.items()}})
     return replace(bench, **replaced)
 
 
@@ -143,13 +143,13 @@ def validation_view(bench: Any, metrics: Sequence[str]) -> Any:
     table in reach)."""
     needs = {need for name in metrics for need in METRICS.get(name).needs}
     tables = {section: {key: getattr(bench, section)[key] for s, key in needs if s == section}
-              for section in ("mc", "corpora", "muse")}
+              for section in SECTIONS}
     return replace(bench, **tables)
 
 
 def fits(values: Mapping[str, Any], settings: MatchedSettings, target: float) -> bool:
     """Whether validation `values` are inside the band with utility at or above the floor."""
-    metric, utility = (m + VALIDATION_SUFFIX if m else None for m in (settings.metric, settings.utility))
+    metric, utility = (m + VALIDATION if m else None for m in (settings.metric, settings.utility))
     return abs(values[metric] - target) <= settings.band + TOLERANCE and (
         utility is None or values[utility] >= settings.floor)
 
