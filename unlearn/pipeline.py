@@ -543,7 +543,7 @@ def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target:
     stopped at the chosen budget is the run of that budget: its model is kept as the unit's (model/,
     "reusable") and the unit does not train again."""
     settings = ctx.cfg.matched
-    run = replace(ucfg, steps=settings.budgets[-1], eval_every=settings.every, save_every=0)
+    run = replace(ucfg, steps=settings.budgets[-1], eval_every=settings.every, save_every=0)  # what it computes
     matched = {k: v for k, v in to_dict(settings).items() if k not in ("split", "split_seed")}  # in _bench_key
     key = {"unlearn": {k: v for k, v in to_dict(run).items() if k != "resume"}, "matched": matched, "model": target,
            "target": ctx.matched_target, "eval": to_dict(ctx.cfg.eval), "benchmark": _bench_key(ctx.cfg)}
@@ -556,8 +556,10 @@ def _calibrate(ctx: _Run, label: str, ucfg: UnlearnConfig, folder: Path, target:
                                     settings.validation_metrics(),
                                     max_samples=ctx.cfg.eval.max_samples, batch_size=ctx.cfg.eval.batch_size)
         budgets = set(settings.budgets)
-        summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain, run,
-                          run_dir=folder / "calibration", eval_fn=eval_fn, replace_stale=True,
+        # a checkpoint at every budget, so that an interrupted calibration goes on from its last one
+        summary = unlearn(model, tokenizer, list(ctx.bench.corpora["forget"]["text"]), retain,
+                          replace(run, save_every=settings.every), run_dir=folder / "calibration", eval_fn=eval_fn,
+                          replace_stale=True,
                           stop=lambda step, values: step in budgets and fits(values, settings, ctx.matched_target))
         curve = [{k: v for k, v in r.items() if k != "kind"} for r in summary["evals"]]
         choice = choose_budget(curve, settings, ctx.matched_target)

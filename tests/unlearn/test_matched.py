@@ -154,8 +154,9 @@ def test_a_run_on_a_benchmark_without_a_validation_split_holds_one_out(unlearn_b
     assert len(test_questions) < len(bench.mc["forget"])
 
 
-def _calibration(bench_dir: Path, tmp_path: Path, bench) -> dict:
-    cfg = from_dict(RunConfig, unlearn_settings(bench_dir, tmp_path, matched={"budgets": [1, 2], "band": 1.0}))
+def _calibration(bench_dir: Path, tmp_path: Path, bench, **matched) -> dict:
+    cfg = from_dict(RunConfig, unlearn_settings(bench_dir, tmp_path, matched={"budgets": [1, 2], "band": 1.0,
+                                                                              **matched}))
     ctx = pipeline._Run(cfg, RunDir(tmp_path), "cpu", bench, matched_target=0.3)
     retain = list(bench.corpora["retain"]["text"])
     return pipeline._calibrate(ctx, "npo", cfg.method_config(0, 0), tmp_path / "unit", bench.models["target"], retain)
@@ -173,6 +174,31 @@ def test_the_calibration_reads_the_validation_split_only(unlearn_bench: Path, tm
     assert _calibration(unlearn_bench, tmp_path / "b", test_changed)["curve"] == want["curve"]
     val_changed = replace(bench, mc={**bench.mc, "forget_val": scrambled["forget_val"]})
     assert _calibration(unlearn_bench, tmp_path / "c", val_changed)["curve"] != want["curve"]
+
+
+def test_an_interrupted_calibration_goes_on_from_its_last_budget(unlearn_bench: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint at every budget: killed during the evaluation at step 2, the calibration resumes from step 1
+    and ends with the curve of one that was never interrupted."""
+    bench = load_benchmark(str(unlearn_bench))
+    never = {"budgets": [1, 2, 3], "band": 0.0, "target": 1.0}  # no budget fits: it runs to the last
+    want = _calibration(unlearn_bench, tmp_path / "a", bench, **never)
+    plain = pipeline.benchmark_eval_fn
+
+    def killed_at_2(*args, **kwargs):
+        inner = plain(*args, **kwargs)
+        return lambda model, step: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2 else inner(model, step)
+
+    monkeypatch.setattr(pipeline, "benchmark_eval_fn", killed_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        _calibration(unlearn_bench, tmp_path / "b", bench, **never)
+    monkeypatch.setattr(pipeline, "benchmark_eval_fn", plain)
+    got = _calibration(unlearn_bench, tmp_path / "b", bench, **never)
+    assert got["curve"] == want["curve"] and [r["step"] for r in got["curve"]] == [0, 1, 2, 3]
+    records = [json.loads(line) for line in (tmp_path / "b" / "unit" / "calibration" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]  # step 1 trained once
+    assert json.loads((tmp_path / "b" / "unit" / "calibration" / "summary.json").read_text())["resumed_from"] == 1
+    assert not list((tmp_path / "b" / "unit" / "calibration").glob("checkpoint.*"))
 
 
 def test_a_run_trains_each_method_for_its_chosen_budget(unlearn_bench: Path, tmp_path: Path) -> None:
