@@ -90,12 +90,14 @@ def seed_means(summaries: Mapping[tuple[str, int, int], Mapping[str, Mapping[str
                ) -> dict[tuple[str, int], dict[str, dict[str, float | None]]]:
     """{(method, seed): each summary and metric averaged over the seed's draws (where defined; None where no
     draw has it)}: one value per unlearned model."""
+    def mean(values: list[float | None]) -> float | None:
+        defined = [v for v in values if v is not None]
+        return float(np.mean(defined)) if defined else None
+
     out: dict[tuple[str, int], dict[str, dict[str, float | None]]] = {}
     for method, seed in dict.fromkeys(key[:2] for key in summaries):
         rows = [v for key, v in summaries.items() if key[:2] == (method, seed)]
-        out[method, seed] = {name: {m: (float(np.mean(d)) if (d := [r[name][m] for r in rows
-                                                                       if r[name][m] is not None]) else None)
-                                    for m in rows[0][name]} for name in SUMMARIES}
+        out[method, seed] = {name: {m: mean([r[name][m] for r in rows]) for m in rows[0][name]} for name in SUMMARIES}
     return out
 
 
